@@ -1,0 +1,435 @@
+"""Evaluators: how good are the features of a (possibly sliced) backbone?
+
+The paper's two protocols (Appendix B.6), on frozen features:
+
+* **k-NN top-1** -- scikit-learn ``KNeighborsClassifier``, k = 20, majority vote
+  (uniform weights) on L2-normalised features: :func:`knn_top1`.
+* **Linear probe** -- the DINO recipe: one linear layer trained with SGD (momentum 0.9,
+  lr 0.001, batch 256, no weight decay) for 100 epochs with a cosine schedule down to 0,
+  no augmentation; the epoch with the best validation accuracy is the one whose test
+  accuracy is reported: :func:`linear_probe` with :class:`LinearProbeConfig` (epochs are
+  configurable so CPU runs stay short).
+
+Data: :func:`load_labelled` reads an ``.npz`` (``x_train, y_train, x_test, y_test``,
+optional ``label_names``) or ``class_name/image.jpg`` folders; :func:`to_model_input`
+turns uint8 HWC images into a normalised float NCHW batch; :func:`extract_features`
+runs a model over it in batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError, ElasticFxError
+
+logger = logging.getLogger(__name__)
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _embedding(out: Any) -> torch.Tensor:
+    """One ``[B, D]`` embedding from a model output (see :func:`extract_features`)."""
+    if isinstance(out, dict) or hasattr(out, "keys"):  # dict or transformers ModelOutput
+        pooled = out.get("pooler_output") if hasattr(out, "get") else None
+        if pooled is None:
+            tensors = [v for v in out.values() if isinstance(v, torch.Tensor)]
+            if not tensors:
+                raise DataError("The model returned a mapping without tensors; pass an embedding module.")
+            pooled = tensors[0]
+        out = pooled
+    elif isinstance(out, (tuple, list)):
+        tensors = [v for v in out if isinstance(v, torch.Tensor)]
+        if not tensors:
+            raise DataError("The model returned a sequence without tensors; pass an embedding module.")
+        out = tensors[0]
+    if not isinstance(out, torch.Tensor):
+        raise DataError(f"The model returned {type(out).__name__}; expected a tensor [B, D] or [B, N, D].")
+    if out.dim() == 3:
+        return out[:, 0]  # token sequence: the class token
+    if out.dim() == 2:
+        return out
+    raise DataError(f"The model returned shape {tuple(out.shape)}; expected [B, D] (an embedding) or [B, N, D] "
+                    "(tokens, the first one is used). Pass a module that ends in a pooled embedding.")
+
+
+def _batches(images: Any, batch_size: int) -> Iterable[torch.Tensor]:
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise DataError(f"images has shape {tuple(images.shape)}; expected [N, C, H, W] (use to_model_input for "
+                            "uint8 [N, H, W, C] arrays).")
+        if not images.is_floating_point():
+            raise DataError(f"images has dtype {images.dtype}; expected normalised floats (see to_model_input).")
+        for start in range(0, images.shape[0], batch_size):
+            yield images[start:start + batch_size]
+        return
+    for item in images:  # a DataLoader or any iterable of batches / (batch, labels)
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+def extract_features(
+    model: Union[torch.nn.Module, Callable[[torch.Tensor], Any]],
+    images: Union[ArrayLike, Iterable[Any]],
+    *,
+    batch_size: int = 64,
+    device: Union[str, torch.device] = "cpu",
+) -> torch.Tensor:
+    """Embeddings ``[N, D]`` (float32, CPU) of ``images`` under ``model``.
+
+    ``images`` is a float tensor ``[N, C, H, W]`` already normalised for the model, or an
+    iterable of such batches (or of ``(batch, labels)`` pairs, as a DataLoader yields).
+    ``model`` maps a batch to ``[B, D]``; a ``[B, N, D]`` token output gives its first
+    (class) token; a dict / ``ModelOutput`` gives ``pooler_output`` when present, else its
+    first tensor. A module runs in eval mode under ``torch.no_grad`` and its mode is
+    restored afterwards.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size={batch_size}; expected a positive int.")
+    device = torch.device(device)
+    was_training = getattr(model, "training", None)
+    if isinstance(model, torch.nn.Module):
+        try:
+            model.eval()
+        except NotImplementedError:  # torch.export modules are already inference graphs
+            was_training = None
+    feats: List[torch.Tensor] = []
+    try:
+        with torch.no_grad():
+            for batch in _batches(images, batch_size):
+                feats.append(_embedding(model(batch.to(device))).float().cpu())
+    finally:
+        if was_training and isinstance(model, torch.nn.Module):
+            model.train(True)
+    if not feats:
+        raise DataError("No images were given to extract_features; the source is empty.")
+    return torch.cat(feats)
+
+
+def to_model_input(
+    images: ArrayLike,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    size: Optional[int] = None,
+) -> torch.Tensor:
+    """uint8 ``[N, H, W, C]`` images -> normalised float ``[N, C, H, W]``.
+
+    ``size`` resizes (bilinear, antialiased) to ``size x size`` when the model expects a
+    different resolution. Float ``[N, H, W, C]`` input is taken to be in [0, 1] already.
+    """
+    x = torch.as_tensor(images)
+    if x.dim() != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"images has shape {tuple(x.shape)}; expected uint8 [N, H, W, C] with C in (1, 3).")
+    is_uint8 = x.dtype == torch.uint8
+    x = x.permute(0, 3, 1, 2).float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if is_uint8:
+        x = x / 255.0
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _as_features(x: ArrayLike, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x).detach().float().cpu()
+    if t.dim() != 2:
+        raise DataError(f"{name} has shape {tuple(t.shape)}; expected features [N, D].")
+    if not torch.isfinite(t).all():
+        raise DataError(f"{name} contains NaN or inf; check the model that produced the features.")
+    return t
+
+
+def _as_labels(y: ArrayLike, n: int, name: str) -> torch.Tensor:
+    t = torch.as_tensor(y).detach().cpu()
+    if t.dim() != 1 or t.shape[0] != n:
+        raise DataError(f"{name} has shape {tuple(t.shape)}; expected [{n}] (one label per feature row).")
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise DataError(f"{name} holds non-integer values; expected class indices.")
+    t = t.long()
+    if t.numel() and int(t.min()) < 0:
+        raise DataError(f"{name} has negative labels; expected class indices 0..C-1.")
+    return t
+
+
+def _check_pair(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: ArrayLike):
+    xtr, xte = _as_features(train_x, "train_x"), _as_features(test_x, "test_x")
+    if xtr.shape[1] != xte.shape[1]:
+        raise DataError(f"train_x has {xtr.shape[1]} feature dims but test_x has {xte.shape[1]}; extract both with "
+                        "the same model.")
+    if xtr.shape[0] == 0 or xte.shape[0] == 0:
+        raise DataError("Empty train or test features; give at least one sample of each.")
+    return xtr, _as_labels(train_y, xtr.shape[0], "train_y"), xte, _as_labels(test_y, xte.shape[0], "test_y")
+
+
+# ----------------------------------------------------------------------------- k-NN
+
+
+def knn_top1(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: ArrayLike, k: int = 20) -> float:
+    """Top-1 accuracy in [0, 1] of a k-NN majority vote on L2-normalised features.
+
+    The paper's protocol: scikit-learn ``KNeighborsClassifier(n_neighbors=k,
+    weights='uniform')``; Euclidean distance on unit vectors ranks like cosine similarity.
+    ``k`` larger than the training set is clamped to its size (logged).
+    """
+    from sklearn.neighbors import KNeighborsClassifier
+
+    if not isinstance(k, int) or k < 1:
+        raise DataError(f"k={k!r}; expected a positive int (the paper uses 20).")
+    xtr, ytr, xte, yte = _check_pair(train_x, train_y, test_x, test_y)
+    if k > xtr.shape[0]:
+        logger.warning("k=%d exceeds the %d training samples; using k=%d", k, xtr.shape[0], xtr.shape[0])
+        k = xtr.shape[0]
+    xtr, xte = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)
+    clf = KNeighborsClassifier(n_neighbors=k, weights="uniform", algorithm="brute", metric="euclidean")
+    clf.fit(xtr.numpy(), ytr.numpy())
+    pred = clf.predict(xte.numpy())
+    return float((pred == yte.numpy()).mean())
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    """The DINO linear-evaluation recipe the paper uses; ``epochs`` is the knob for CPU runs.
+
+    ``val_fraction`` of the training features is held out for model selection when no
+    validation split is given (0 disables selection: the last epoch is reported).
+    """
+
+    epochs: int = 100
+    lr: float = 1e-3
+    momentum: float = 0.9
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ElasticFxError(f"LinearProbeConfig needs epochs >= 1 and batch_size >= 1; got {self.epochs}, "
+                                 f"{self.batch_size}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ElasticFxError(f"val_fraction={self.val_fraction}; expected a value in [0, 1).")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ElasticFxError(f"LinearProbeConfig lr={self.lr}, weight_decay={self.weight_decay}, "
+                                 f"momentum={self.momentum}; expected lr > 0, weight_decay >= 0, 0 <= momentum < 1.")
+
+
+def _accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((head(x).argmax(1) == y).float().mean())
+
+
+def _split_val(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):
+    """Random hold-out of ``fraction`` of (x, y); returns train_x, train_y, val_x, val_y."""
+    n_val = int(round(fraction * x.shape[0]))
+    if fraction == 0 or n_val == 0:
+        return x, y, None, None
+    if n_val >= x.shape[0]:
+        raise DataError(f"val_fraction={fraction} leaves no training samples out of {x.shape[0]}.")
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
+
+
+def linear_probe(
+    train_x: ArrayLike,
+    train_y: ArrayLike,
+    test_x: ArrayLike,
+    test_y: ArrayLike,
+    config: Optional[LinearProbeConfig] = None,
+    val: Optional[Tuple[ArrayLike, ArrayLike]] = None,
+) -> float:
+    """Test top-1 accuracy in [0, 1] of a linear head trained on frozen features.
+
+    SGD with momentum and ``CosineAnnealingLR(T_max=epochs, eta_min=0)`` stepped once per
+    epoch; no augmentation; the head with the best validation accuracy (``val`` if given,
+    else a ``config.val_fraction`` hold-out of the training set; the earliest epoch wins
+    ties) is evaluated on the test set. Head init as in DINO: weights N(0, 0.01), bias 0.
+    """
+    cfg = config or LinearProbeConfig()
+    xtr, ytr, xte, yte = _check_pair(train_x, train_y, test_x, test_y)
+    if val is not None:
+        xva = _as_features(val[0], "val_x")
+        yva = _as_labels(val[1], xva.shape[0], "val_y")
+        if xva.shape[1] != xtr.shape[1]:
+            raise DataError(f"val features have {xva.shape[1]} dims, train features {xtr.shape[1]}.")
+    else:
+        xtr, ytr, xva, yva = _split_val(xtr, ytr, cfg.val_fraction, cfg.seed)
+    labels = [ytr, yte] + ([yva] if yva is not None else [])
+    num_classes = int(max(int(t.max()) for t in labels if t.numel())) + 1
+
+    device = torch.device(cfg.device)
+    torch_gen = torch.Generator().manual_seed(cfg.seed)
+    head = torch.nn.Linear(xtr.shape[1], num_classes).to(device)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.01, generator=torch_gen)
+        head.bias.zero_()
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=0.0)
+    xtr, ytr, xte, yte = xtr.to(device), ytr.to(device), xte.to(device), yte.to(device)
+    if xva is not None:
+        xva, yva = xva.to(device), yva.to(device)
+
+    best_acc, best_epoch, best_state = -1.0, -1, None
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(xtr.shape[0], generator=torch_gen).to(device)
+        for start in range(0, xtr.shape[0], cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            loss = F.cross_entropy(head(xtr[idx]), ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        if xva is not None:
+            acc = _accuracy(head, xva, yva)
+            if acc > best_acc:
+                best_acc, best_epoch, best_state = acc, epoch, copy.deepcopy(head.state_dict())
+    if best_state is not None:
+        head.load_state_dict(best_state)
+        logger.info("linear probe: best validation accuracy %.4f at epoch %d of %d", best_acc, best_epoch + 1,
+                    cfg.epochs)
+    return _accuracy(head, xte, yte)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class LabelledData:
+    """A labelled train/test split: images (uint8 ``[N, H, W, C]``) or features (float ``[N, D]``)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: List[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the class-name list, or the largest label + 1)."""
+        if self.class_names:
+            return len(self.class_names)
+        return int(max(self.y_train.max(initial=-1), self.y_test.max(initial=-1))) + 1
+
+
+def _load_npz(path: Path) -> LabelledData:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as e:
+        raise DataError(f"Cannot read {path} as an .npz archive ({e}).") from e
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise DataError(f"{path} lacks {missing}; an .npz needs x_train, y_train, x_test, y_test "
+                        f"(found {sorted(arrays)}).")
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise DataError(f"{path}: x_{split} has {x.shape[0]} rows but y_{split} has shape {y.shape}.")
+        if x.shape[0] == 0:
+            raise DataError(f"{path}: the {split} split is empty.")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}: y_{split} has dtype {y.dtype}; expected integer class indices.")
+    names_key = next((k for k in ("class_names", "label_names") if k in arrays), None)
+    names = [str(n) for n in arrays[names_key]] if names_key else []
+    y_max = int(max(arrays["y_train"].max(), arrays["y_test"].max()))
+    if names and y_max >= len(names):
+        raise DataError(f"{path}: label {y_max} but only {len(names)} class names.")
+    return LabelledData(arrays["x_train"], arrays["y_train"].astype(np.int64), arrays["x_test"],
+                        arrays["y_test"].astype(np.int64), names)
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            w, h = img.size
+            scale = size / min(w, h)  # shorter side to `size`, then a centre crop
+            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except Exception as e:
+        raise DataError(f"Cannot read image {path} ({e}); remove or replace it.") from e
+
+
+def _class_files(root: Path) -> dict:
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; expected class_name/image.jpg folders.")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class sub-folders; expected {root}/<class_name>/<image>.jpg.")
+    return {c: sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) for c in classes}
+
+
+def _load_split(files: dict, class_index: dict, size: int, root: Path) -> Tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for cls, paths in files.items():
+        for p in paths:
+            xs.append(_load_image(p, size))
+            ys.append(class_index[cls])
+    if not xs:
+        raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}.")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+def load_labelled(path_or_train_dir: Union[str, Path], test_dir: Union[str, Path, None] = None, *,
+                  image_size: int = 224) -> LabelledData:
+    """Load a labelled split from an ``.npz`` or from ``class_name/image.jpg`` folders.
+
+    * ``.npz``: arrays ``x_train, y_train, x_test, y_test`` (uint8 HWC images or float
+      features), optional ``class_names`` / ``label_names``.
+    * folders: ``path_or_train_dir`` holds one sub-folder per class; ``test_dir`` likewise.
+      Without ``test_dir``, ``path_or_train_dir/train`` with ``test`` (or ``val``) is used.
+      Class names are the train folder's sorted sub-folder names; a test class absent from
+      train is an error. Images are resized (shorter side) and centre-cropped to
+      ``image_size``.
+    """
+    root = Path(path_or_train_dir).expanduser()
+    if root.is_file():
+        if root.suffix.lower() != ".npz":
+            raise DataError(f"{root} is a file but not an .npz; pass an .npz or a folder of class sub-folders.")
+        return _load_npz(root)
+    if not root.exists():
+        raise DataError(f"{root} does not exist; pass an .npz file or a folder of class sub-folders.")
+    if test_dir is None:
+        test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+        if not (root / "train").is_dir() or test_root is None:
+            raise DataError(f"No test split for {root}: pass test_dir, or use {root}/train and {root}/test folders.")
+        root = root / "train"
+    else:
+        test_root = Path(test_dir).expanduser()
+    train_files, test_files = _class_files(root), _class_files(test_root)
+    unknown = sorted(set(test_files) - set(train_files))
+    if unknown:
+        raise DataError(f"Test classes {unknown} do not exist in the train folder {root} (classes: "
+                        f"{sorted(train_files)}); rename or remove them.")
+    names = list(train_files)
+    index = {c: i for i, c in enumerate(names)}
+    x_train, y_train = _load_split(train_files, index, image_size, root)
+    x_test, y_test = _load_split(test_files, index, image_size, test_root)
+    return LabelledData(x_train, y_train, x_test, y_test, names)

@@ -1,0 +1,634 @@
+"""discover(gm) -> StructureMap: attention heads and FFN neurons, from the graph alone.
+
+No module names, no per-family adapters. The pass
+
+1. finds the *attention cores*: ``scaled_dot_product_attention`` calls, explicit
+   ``softmax(q @ kᵀ) @ v`` chains, and ``nn.MultiheadAttention`` leaf modules;
+2. runs the graph once with provenance labels (:mod:`._labels`) to learn which rows of
+   which linear layers reach each head of q, k and v, which linear consumes each head's
+   output (the out-projection), and which linear layers feed another linear through
+   pointwise ops only (an FFN: in-projection(s) -> activation / gate -> out-projection);
+3. turns each into a :class:`~elastic_fx.structures.ParamSlice` list, including composite
+   biases (``cat(q_bias, k_bias, v_bias)``) and per-head tables added to the attention
+   logits (relative position bias);
+4. orders everything into blocks by execution order, and finds the pooled embedding.
+
+Head count and head_dim are read from the shapes the graph computes at the core
+(``[..., heads, tokens, head_dim]``), never assumed. An FFN whose hidden activations are
+normalised across neurons (a LayerNorm over the hidden dim) is recorded as not prunable.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import DiscoveryError
+from ..structures import AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap
+from ..tracing import TRACER_META, example_inputs_of
+from ._labels import (
+    ADD_LIKE,
+    MATMUL_OPS,
+    MUL_LIKE,
+    SDPA_OPS,
+    SOFTMAX_OPS,
+    UNARY_POINTWISE,
+    LabelInterpreter,
+    LinearInfo,
+    Watch,
+    _fetch_attr,
+    find_linears,
+    head_table,
+    op_name,
+)
+
+log = logging.getLogger(__name__)
+
+STRUCTURE_META = "elastic_fx.structure"
+
+
+@dataclass
+class _Core:
+    node: fx.Node  # output [..., H, N, d]
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    k_transposed: bool
+    kind: str  # "sdpa" | "explicit"
+    extras: List[fx.Node] = field(default_factory=list)  # tensors added to the logits
+
+
+# ----------------------------------------------------------------------------- cores
+def _find_cores(gm: fx.GraphModule) -> List[_Core]:
+    cores = []
+    for n in gm.graph.nodes:
+        name = op_name(gm, n)
+        if name in SDPA_OPS:
+            args = list(n.args) + [None] * 4
+            q, k, v = args[0], args[1], args[2]
+            mask = n.kwargs.get("attn_mask", args[3])
+            extras = [mask] if isinstance(mask, fx.Node) else []
+            cores.append(_Core(n, q, k, v, False, "sdpa", extras))
+        elif name in SOFTMAX_OPS:
+            core = _explicit_core(gm, n)
+            if core is not None:
+                cores.append(core)
+    return cores
+
+
+def _explicit_core(gm: fx.GraphModule, softmax: fx.Node) -> Optional[_Core]:
+    """softmax(f(q @ kᵀ)) -> g(...) @ v, with f, g chains of pointwise ops."""
+    passthrough = UNARY_POINTWISE | MUL_LIKE | ADD_LIKE | {"identity"}
+    extras: List[fx.Node] = []
+    x = softmax.args[0] if softmax.args else None
+    while isinstance(x, fx.Node) and op_name(gm, x) in passthrough:
+        ins = [a for a in x.all_input_nodes]
+        if not ins:
+            return None
+        if op_name(gm, x) in ADD_LIKE:
+            extras.extend(ins[1:])
+        x = ins[0]
+    if not (isinstance(x, fx.Node) and op_name(gm, x) in {"matmul", "bmm"} and len(x.args) >= 2):
+        return None
+    q, kt = x.args[0], x.args[1]
+    y = softmax
+    while True:
+        users = list(y.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if op_name(gm, u) in {"matmul", "bmm"} and u.args[0] is y:
+            return _Core(u, q, kt, u.args[1], True, "explicit", extras)
+        if op_name(gm, u) not in passthrough:
+            return None
+        y = u
+
+
+# ----------------------------------------------------------------------------- summaries
+def _sum_heads(head_axis: int, dim_axis: int):
+    def fn(node, value, chans):
+        return head_table(chans, head_axis, dim_axis)
+
+    return fn
+
+
+def _sum_per_head(node, value, chans):
+    """Per-head unique ids of a tensor added to the logits ([..., H, N, M])."""
+    out = []
+    for c in chans:
+        if isinstance(c, torch.Tensor) and c.dim() >= 3:
+            out.append([torch.unique(c.select(-3, h)) for h in range(c.shape[-3])])
+    return out
+
+
+def _sum_row(node, value, chans):
+    """Labels of a linear's input along its feature dim, and whether they hold at every position."""
+    out = []
+    for c in chans:
+        if not isinstance(c, torch.Tensor) or c.dim() == 0:
+            continue
+        rows = c.reshape(-1, c.shape[-1])
+        out.append((rows[0].clone(), bool((rows == rows[0]).all())))
+    return out
+
+
+def _sum_vector(node, value, chans):
+    return [c.clone() for c in chans if isinstance(c, torch.Tensor) and c.dim() == 1]
+
+
+# ----------------------------------------------------------------------------- analysis
+class _Analysis:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.linears: Dict[fx.Node, LinearInfo] = find_linears(gm)
+        self.cores = _find_cores(gm)
+        self.mhas = [n for n in gm.graph.nodes if op_name(gm, n) == "multihead_attention"]
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.notes: List[str] = []
+        watch = Watch()
+        for li in self.linears.values():
+            watch.add(li.input, f"in:{li.node.name}", _sum_row)
+            if li.bias_node is not None:
+                watch.add(li.bias_node, f"bias:{li.node.name}", _sum_vector)
+        for c in self.cores:
+            watch.add(c.q, f"q:{c.node.name}", _sum_heads(-3, -1))
+            watch.add(c.k, f"k:{c.node.name}", _sum_heads(-3, -2) if c.k_transposed else _sum_heads(-3, -1))
+            watch.add(c.v, f"v:{c.node.name}", _sum_heads(-3, -1))
+            for e in c.extras:
+                watch.add(e, f"extra:{c.node.name}", _sum_per_head)
+        self.interp = LabelInterpreter(gm, self.linears, {c.node for c in self.cores}, watch)
+        with torch.no_grad():
+            self.interp.run(*example_inputs_of(gm))
+        self.sum = self.interp.summaries
+        self.src_of = {(s.kind, s.key): i for i, s in enumerate(self.interp.sources)}
+
+    # -- helpers
+    def param_shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(_fetch_attr(self.gm, name).shape)
+
+    def decode(self, ids: torch.Tensor):
+        return self.interp.decode(ids)
+
+    def source(self, i: int):
+        return self.interp.sources[i]
+
+    # -- attention
+    def attention(self, core: _Core) -> Optional[Tuple[AttentionGroup, int]]:
+        shape = self.interp.shapes.get(core.node)
+        if not shape or len(shape) < 4:
+            self.notes.append(f"attention at node '{core.node.name}' has shape {shape}; heads need [..., H, N, d]")
+            return None
+        num_heads, num_tokens, head_dim = shape[-3], shape[-2], shape[-1]
+        k_shape = self.interp.shapes.get(core.k) or shape
+        num_kv = k_shape[-1] if core.k_transposed else k_shape[-2]
+        owners: Dict[int, torch.Tensor] = {}  # linear source -> owner head per output row
+        for role in ("q", "k", "v"):
+            tables = self.sum.get((getattr(core, role), f"{role}:{core.node.name}"), [])
+            found = False
+            for t in tables:
+                if t.shape[0] != num_heads:
+                    continue
+                src, loc = self.decode(t)
+                for h in range(num_heads):
+                    for s, l in zip(src[h].tolist(), loc[h].tolist()):
+                        if s < 0 or self.source(s).kind != "linear":
+                            continue
+                        found = True
+                        own = owners.setdefault(s, torch.full((self.source(s).size,), -1, dtype=torch.long))
+                        if own[l] not in (-1, h):
+                            self.notes.append(f"attention at '{core.node.name}': a projection row feeds two heads; skipped")
+                            return None
+                        own[l] = h
+            if not found:
+                self.notes.append(
+                    f"attention at '{core.node.name}': {role} is not produced by a linear layer; its heads are not pruned"
+                )
+                return None
+        if any(self._mixes(own_src, own) for own_src, own in owners.items()):
+            return None
+        slices: List[ParamSlice] = []
+        in_projs = []
+        for s, own in sorted(owners.items(), key=lambda kv: self.order[self.source(kv[0]).key]):
+            li = self.linears[self.source(s).key]
+            got = self._row_slices(li, own, num_heads, f"attention at '{core.node.name}'")
+            if got is None:
+                return None
+            slices.extend(got)
+            in_projs.append(li.module)
+        out = self._out_proj(core, num_heads, head_dim)
+        if out is None:
+            self.notes.append(
+                f"attention at '{core.node.name}': no linear layer consumes the head outputs; its heads are not pruned"
+            )
+            return None
+        out_li, out_slice = out
+        slices.append(out_slice)
+        extras = self._extras(core, num_heads)
+        if extras is None:
+            return None
+        slices.extend(extras)
+        group = AttentionGroup(
+            num_heads=num_heads, head_dim=head_dim, out_proj=out_li.module, in_projs=tuple(in_projs),
+            slices=tuple(slices), num_tokens=num_tokens, num_kv_tokens=num_kv, kind=core.kind,
+            core=core.node.name, extras=tuple(s.name for s in extras),
+        )
+        return group, self.order[out_li.node]
+
+    def _mixes(self, src: int, owner: torch.Tensor) -> bool:
+        """True (with a note) if a norm on the path mixes rows of different structures."""
+        for node, rows in self.interp.norms.items():
+            for r in rows:
+                s, l = self.decode(r)
+                sel = l[s == src]
+                if sel.numel() == 0:
+                    continue
+                ids = owner[sel]
+                ids = ids[ids >= 0].unique()
+                if ids.numel() > 1:
+                    self.mixing_node = node
+                    return True
+        return False
+
+    def _row_slices(self, li: LinearInfo, owner: torch.Tensor, n: int, what: str) -> Optional[List[ParamSlice]]:
+        index = _index_from_owner(owner, n)
+        if index is None:
+            self.notes.append(f"{what}: structures own unequal numbers of rows of '{li.module}'; skipped")
+            return None
+        out = [ParamSlice(li.weight, self.param_shape(li.weight), 0, index)]
+        if li.bias is not None:
+            out.append(ParamSlice(li.bias, self.param_shape(li.bias), 0, index))
+        elif li.bias_node is not None:
+            got = self._composite(self.sum.get((li.bias_node, f"bias:{li.node.name}"), []), owner, n)
+            if got is None:
+                self.notes.append(f"{what}: the bias of '{li.module}' is computed in a way we cannot map; skipped")
+                return None
+            out.extend(got)
+        return out
+
+    def _composite(self, chans: Sequence[torch.Tensor], owner: torch.Tensor, n: int) -> Optional[List[ParamSlice]]:
+        """A bias built from parameters (``cat(q_bias, zeros, v_bias)``): map each element to its row's owner."""
+        per_param: Dict[str, torch.Tensor] = {}
+        covered = torch.zeros_like(owner, dtype=torch.bool)
+        for c in chans:
+            src, loc = self.decode(c)
+            for s in src.unique().tolist():
+                if s < 0 or self.source(s).kind != "param":
+                    continue
+                name = self.source(s).key
+                rows = (src == s).nonzero().squeeze(1)
+                elem_owner = per_param.setdefault(name, torch.full((self.source(s).size,), -1, dtype=torch.long))
+                elem_owner[loc[rows]] = owner[rows]
+                covered[rows] = True
+        if ((owner >= 0) & ~covered).any():
+            # rows with no parameter behind their bias (e.g. the zero k-bias of EVA) are fine
+            # only if the unmapped rows' bias is a constant: we cannot tell, so require nothing.
+            pass
+        out = []
+        for name, elem_owner in per_param.items():
+            shape = self.param_shape(name)
+            if len(shape) != 1:
+                return None
+            index = _index_from_owner(elem_owner, n)
+            if index is None:
+                return None
+            out.append(ParamSlice(name, shape, 0, index))
+        return out
+
+    def _out_proj(self, core: _Core, num_heads: int, head_dim: int) -> Optional[Tuple[LinearInfo, ParamSlice]]:
+        cs = self.src_of.get(("core", core.node))
+        if cs is None:
+            return None
+        for li in sorted(self.linears.values(), key=lambda l: self.order[l.node]):
+            for row, uniform in self.sum.get((li.input, f"in:{li.node.name}"), []):
+                src, loc = self.decode(row)
+                hit = src == cs
+                if not hit.any():
+                    continue
+                if not uniform:
+                    return None
+                owner = torch.full((li.in_features,), -1, dtype=torch.long)
+                owner[hit] = loc[hit] // head_dim
+                index = _index_from_owner(owner, num_heads)
+                if index is None:
+                    return None
+                return li, ParamSlice(li.weight, self.param_shape(li.weight), 1, index)
+        return None
+
+    def _extras(self, core: _Core, num_heads: int) -> Optional[List[ParamSlice]]:
+        out = []
+        for e in core.extras:
+            for per_head in self.sum.get((e, f"extra:{core.node.name}"), []):
+                if len(per_head) != num_heads:
+                    continue  # broadcast over heads (a plain mask): nothing per head
+                sets: Dict[int, List[torch.Tensor]] = {}
+                for h, ids in enumerate(per_head):
+                    src, loc = self.decode(ids)
+                    for s in src.unique().tolist():
+                        if s >= 0 and self.source(s).kind == "param":
+                            sets.setdefault(s, [None] * num_heads)[h] = loc[src == s]
+                for s, elems in sets.items():
+                    name = self.source(s).key
+                    sl = _slice_from_element_sets(name, self.param_shape(name), elems)
+                    if sl is None:
+                        self.notes.append(
+                            f"attention at '{core.node.name}': per-head parameter '{name}' cannot be split "
+                            "by head; its heads are not pruned"
+                        )
+                        return None
+                    out.append(sl)
+        return out
+
+    # -- feed-forward
+    def mlp(self, li: LinearInfo, attention_out: set) -> Optional[Tuple[MlpGroup, int]]:
+        if li.node in attention_out:
+            return None
+        chans = self.sum.get((li.input, f"in:{li.node.name}"), [])
+        if not chans:
+            return None
+        width = li.in_features
+        per_src: Dict[int, List[torch.Tensor]] = {}
+        for row, uniform in chans:
+            src, loc = self.decode(row)
+            lin = self._linear_sources_mask(src, exclude=li.node)
+            if not lin.any():
+                continue
+            if not uniform:
+                return None
+            for s in src[lin].unique().tolist():
+                cols = torch.full((width,), -1, dtype=torch.long)
+                m = src == s
+                cols[m] = loc[m]
+                per_src.setdefault(s, []).append(cols)
+        if not per_src:
+            return None
+        slices: List[ParamSlice] = []
+        in_projs = []
+        owners = {}
+        if any(self.source(s).key in attention_out for s in per_src):
+            return None  # an attention out-projection feeding a norm and a linear is a residual stream
+        for s, col_lists in sorted(per_src.items(), key=lambda kv: self.order[self.source(kv[0]).key]):
+            src_li = self.linears[self.source(s).key]
+            owner = torch.full((src_li.out_features,), -1, dtype=torch.long)
+            for cols in col_lists:
+                if (cols < 0).any():
+                    return None  # some hidden column is not fed by this projection
+                if (owner[cols] >= 0).any() and not torch.equal(owner[cols], torch.arange(width)):
+                    return None
+                owner[cols] = torch.arange(width)
+            owners[s] = owner
+            got = self._row_slices(src_li, owner, width, f"FFN into '{li.module}'")
+            if got is None:
+                return None
+            slices.extend(got)
+            in_projs.append(src_li.module)
+        slices.append(ParamSlice(li.weight, self.param_shape(li.weight), 1, torch.arange(width).unsqueeze(1)))
+        shape = self.interp.shapes.get(li.node)
+        batch = self._batch
+        tokens = max(1, _numel(shape) // max(1, li.out_features) // batch) if shape else 1
+        prunable, reason = True, None
+        for s, own in owners.items():
+            if self._mixes(s, own):
+                prunable = False
+                node = self.mixing_node
+                reason = (
+                    f"its hidden activations pass through {op_name(self.gm, node)} at node '{node.name}', which "
+                    "normalises across neurons; removing a neuron would change the others"
+                )
+                break
+        gated = len(in_projs) > 1 or any(sl.index.shape[1] > 1 for sl in slices if sl.dim == 0)
+        group = MlpGroup(
+            hidden_features=width, out_proj=li.module, in_projs=tuple(in_projs), slices=tuple(slices),
+            num_tokens=tokens, gated=gated, prunable=prunable, reason=reason,
+        )
+        return group, self.order[li.node]
+
+    def _linear_sources_mask(self, src: torch.Tensor, exclude: fx.Node) -> torch.Tensor:
+        if not hasattr(self, "_is_linear"):
+            self._is_linear = torch.tensor([s.kind == "linear" for s in self.interp.sources] + [False])
+        mask = self._is_linear[src]  # src == -1 indexes the trailing False
+        own = self.src_of.get(("linear", exclude))
+        if own is not None:
+            mask = mask & (src != own)
+        return mask
+
+    # -- nn.MultiheadAttention (a torch.nn leaf: its layout is defined by PyTorch)
+    def mha(self, node: fx.Node) -> Tuple[AttentionGroup, int]:
+        m: nn.MultiheadAttention = self.gm.get_submodule(node.target)
+        E, H = m.embed_dim, m.num_heads
+        hd = E // H
+        pre = node.target
+        q_shape = self.interp.shapes.get(node.args[0]) if node.args else None
+        tokens = (q_shape[1] if m.batch_first else q_shape[0]) if q_shape else 1
+        kv_shape = self.interp.shapes.get(node.args[1]) if len(node.args) > 1 else q_shape
+        kv_tokens = (kv_shape[1] if m.batch_first else kv_shape[0]) if kv_shape else tokens
+        per_head = torch.arange(H).view(H, 1) * hd + torch.arange(hd)  # [H, hd]
+        qkv_rows = torch.cat([per_head + i * E for i in range(3)], dim=1)  # [H, 3hd]
+        slices = []
+        if m._qkv_same_embed_dim:
+            slices.append(ParamSlice(f"{pre}.in_proj_weight", tuple(m.in_proj_weight.shape), 0, qkv_rows))
+        else:
+            for nm in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                slices.append(ParamSlice(f"{pre}.{nm}", tuple(getattr(m, nm).shape), 0, per_head))
+        if m.in_proj_bias is not None:
+            slices.append(ParamSlice(f"{pre}.in_proj_bias", tuple(m.in_proj_bias.shape), 0, qkv_rows))
+        if m.bias_k is not None:
+            slices.append(ParamSlice(f"{pre}.bias_k", tuple(m.bias_k.shape), 2, per_head))
+            slices.append(ParamSlice(f"{pre}.bias_v", tuple(m.bias_v.shape), 2, per_head))
+        slices.append(ParamSlice(f"{pre}.out_proj.weight", tuple(m.out_proj.weight.shape), 1, per_head))
+        group = AttentionGroup(
+            num_heads=H, head_dim=hd, out_proj=f"{pre}.out_proj", in_projs=(pre,), slices=tuple(slices),
+            num_tokens=tokens, num_kv_tokens=kv_tokens, kind="mha", core=pre,
+            extras=tuple(s.name for s in slices if s.name.endswith(("bias_k", "bias_v"))),
+        )
+        return group, self.order[node]
+
+    @property
+    def _batch(self) -> int:
+        ex = example_inputs_of(self.gm)
+        return int(ex[0].shape[0]) if ex and isinstance(ex[0], torch.Tensor) and ex[0].dim() else 1
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _index_from_owner(owner: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+    """[n, k] positions per structure from a per-position owner vector; None if unequal."""
+    valid = owner >= 0
+    counts = torch.bincount(owner[valid], minlength=n)
+    if n == 0 or counts.numel() != n or counts[0] == 0 or not bool((counts == counts[0]).all()):
+        return None
+    positions = torch.arange(owner.numel())[valid]
+    order = torch.sort(owner[valid], stable=True).indices  # stable: positions stay ascending per owner
+    return positions[order].view(n, int(counts[0]))
+
+
+def _slice_from_element_sets(name: str, shape: Tuple[int, ...], elems: List[Optional[torch.Tensor]]) -> Optional[ParamSlice]:
+    """Find the dim of a parameter along which per-head element sets are disjoint slabs."""
+    if any(e is None for e in elems):
+        return None
+    n = len(elems)
+    strides = []
+    acc = 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    strides = list(reversed(strides))
+    for dim in range(len(shape)):
+        coords = [(e // strides[dim]) % shape[dim] for e in elems]
+        sets = [torch.unique(c) for c in coords]
+        if any(s.numel() != sets[0].numel() for s in sets):
+            continue
+        allc = torch.cat(sets)
+        if allc.unique().numel() != allc.numel():
+            continue  # overlapping across heads: not this dim
+        return ParamSlice(name, shape, dim, torch.stack(sets))
+    return None
+
+
+# ----------------------------------------------------------------------------- entry point
+def discover(gm: fx.GraphModule) -> StructureMap:
+    """Find every attention head and FFN hidden neuron of a traced ViT.
+
+    Args:
+        gm: a GraphModule from :func:`elastic_fx.trace` (or a sliced one).
+
+    Raises:
+        DiscoveryError: the graph has no attention heads and no FFN neurons.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise DiscoveryError(
+            f"discover() takes the GraphModule returned by efx.trace(model), got {type(gm).__name__}; "
+            "call gm = efx.trace(model) first"
+        )
+    an = _Analysis(gm)
+    groups: List[Tuple[int, str, object]] = []
+    attention_out = set()
+    for core in an.cores:
+        got = an.attention(core)
+        if got is not None:
+            groups.append((got[1], "attention", got[0]))
+            attention_out.update(li.node for li in an.linears.values() if li.module == got[0].out_proj)
+    for node in an.mhas:
+        g, pos = an.mha(node)
+        groups.append((pos, "attention", g))
+    for li in sorted(an.linears.values(), key=lambda l: an.order[l.node]):
+        got = an.mlp(li, attention_out)
+        if got is not None:
+            groups.append((got[1], "mlp", got[0]))
+    if not groups:
+        raise DiscoveryError(
+            f"no attention heads or FFN neurons found in {type(gm).__name__} "
+            f"({len(an.linears)} linear layers, {len(an.cores) + len(an.mhas)} attention operations). "
+            "elastic_fx prunes Vision Transformers: blocks of multi-head attention and feed-forward layers. "
+            "If this is a ViT whose attention sits inside an opaque module, trace it without registering "
+            "that module as a leaf." + (f" Notes: {'; '.join(an.notes)}" if an.notes else "")
+        )
+    groups.sort(key=lambda g: g[0])
+    blocks: List[Block] = []
+    for _, kind, g in groups:
+        if kind == "attention" or not blocks or blocks[-1].mlp is not None:
+            blocks.append(Block(index=len(blocks)))
+        setattr(blocks[-1], kind, g)
+    smap = StructureMap(
+        blocks=blocks,
+        total_params=sum(p.numel() for p in gm.parameters()),
+        fixed_flops=_fixed_flops(an, blocks),
+        embedding=_embedding_node(an, blocks),
+        source=type(gm).__name__,
+        notes=an.notes,
+    )
+    gm.meta[STRUCTURE_META] = smap
+    log.info("discovered %d blocks (tracer: %s)", len(blocks), gm.meta.get(TRACER_META, "?"))
+    return smap
+
+
+def _fixed_flops(an: _Analysis, blocks: List[Block]) -> int:
+    """FLOPs of everything not owned by a head or neuron (patch embedding, classifier ...)."""
+    batch = an._batch
+    total = 0
+    for li in an.linears.values():
+        shape = an.interp.shapes.get(li.input)
+        if shape:
+            total += 2 * (_numel(shape) // li.in_features // batch) * li.in_features * li.out_features
+    for n in an.gm.graph.nodes:
+        name = op_name(an.gm, n)
+        if name == "multihead_attention":
+            m = an.gm.get_submodule(n.target)
+            shape = an.interp.shapes.get(n.args[0])
+            tokens = _numel(shape) // m.embed_dim // batch if shape else 0
+            total += 2 * tokens * 4 * m.embed_dim * m.embed_dim
+        elif name in ("conv2d", "convolution", "module:Conv2d", "conv1d", "module:Conv1d"):
+            w = _conv_weight(an.gm, n)
+            out = an.interp.shapes.get(n)
+            if w is not None and out:
+                total += 2 * (_numel(out) // batch) * (w.numel() // w.shape[0])
+    owned = 0
+    for b in blocks:
+        for g in (b.attention, b.mlp):
+            if g is None:
+                continue
+            entries = sum(s.numel_per_structure for s in g.slices if len(s.shape) == 2 and s.name not in getattr(g, "extras", ()))
+            owned += 2 * g.num_tokens * entries * g.size
+    return max(0, total - owned)
+
+
+def _conv_weight(gm: fx.GraphModule, n: fx.Node) -> Optional[torch.Tensor]:
+    if n.op == "call_module":
+        return getattr(gm.get_submodule(n.target), "weight", None)
+    w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        return _fetch_attr(gm, w.target)
+    return None
+
+
+def _embedding_node(an: _Analysis, blocks: List[Block]) -> Optional[str]:
+    """The pooled representation: the input of a classifier linear after the blocks,
+    else the model's first ``[batch, dim]`` output."""
+    in_groups = set()
+    for b in blocks:
+        for g in (b.attention, b.mlp):
+            if g is not None:
+                in_groups.update(g.in_projs)
+                in_groups.add(g.out_proj)
+    out_node = next(n for n in an.gm.graph.nodes if n.op == "output")
+    # linear layers that reach the output without passing another linear
+    terminal, stack, seen = [], list(out_node.all_input_nodes), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in an.linears:
+            terminal.append(an.linears[n])
+            continue
+        stack.extend(n.all_input_nodes)
+    heads = sorted((li for li in terminal if li.module not in in_groups), key=lambda l: an.order[l.node])
+    if heads:
+        return heads[0].input.name
+    leaves = [n for n in out_node.all_input_nodes]
+    for n in leaves:
+        shape = an.interp.shapes.get(n)
+        if isinstance(shape, tuple) and len(shape) == 2 and all(isinstance(s, int) for s in shape):
+            return n.name
+    for n in leaves:
+        shape = an.interp.shapes.get(n)
+        if isinstance(shape, tuple) and len(shape) == 3 and all(isinstance(s, int) for s in shape):
+            return n.name
+    return None
+
+
+def structure_map_of(gm: fx.GraphModule) -> StructureMap:
+    """The StructureMap that :func:`discover` stored on ``gm`` (raises if it has not run)."""
+    try:
+        return gm.meta[STRUCTURE_META]
+    except (AttributeError, KeyError):
+        raise DiscoveryError("this GraphModule has no structure map; run efx.discover(gm) first") from None

@@ -1,0 +1,221 @@
+"""Label-free fitness of a pruned candidate: PCA-projected cosine similarity to the dense model.
+
+The dense model embeds ``N`` fixed images once (default 1000, decoded and preprocessed
+once by the caller and kept as a tensor). A PCA with ``dim`` components (default 192)
+is fitted on those dense embeddings, centred and not whitened. A pruned candidate
+embeds the same images; its fitness is the mean over images of the cosine similarity
+between the projected dense and the projected pruned embedding of each image, and the
+search averages that over its sparsities (paper Eq. 6)::
+
+    F(candidate) = mean_s mean_i cos(P(z_i), P(z_i^(s))),  P(z) = (z - mu_dense) V_dim
+
+How centring enters the cosine (the choice made here): both embeddings are projected
+with the *same* affine map, which subtracts the dense mean ``mu_dense``, exactly like
+a fitted PCA's ``transform``. So the cosine compares deviations from the dense
+embedding centroid. Two consequences, both wanted:
+
+* The large offset that every image's ViT embedding shares (its common direction)
+  does not dominate the cosine; raw cosines of ViT embeddings sit near 1 for almost
+  any pair and barely separate candidates.
+* The pruned embeddings are centred with the dense mean, not their own. A pruned
+  model that shifts every embedding by the same vector is therefore penalised, as it
+  should be: the goal is to reproduce the dense embeddings, not just their spread.
+  A pruned model that collapses every image onto the dense mean scores 0.
+
+Whitening is not applied, so each principal direction weighs in with its own variance.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..errors import DataError, NumericalError
+
+logger = logging.getLogger(__name__)
+
+#: Paper defaults: 1000 fixed images, PCA to 192 dimensions.
+DEFAULT_NUM_IMAGES = 1000
+DEFAULT_PCA_DIM = 192
+
+#: Norms below this count as zero vectors (their cosine is 0, not NaN).
+_EPS = 1e-12
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp32, bf16, fp16) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def holdout_split(
+    num_images: int, holdout_fraction: float, seed: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic split of image indices into (search, held-out) sets.
+
+    The search fits the PCA and scores candidates on the first set; the held-out set
+    reports how well the chosen candidate generalises (score it with
+    ``fitness(pruned_heldout, dense=dense_heldout)``). Both index tensors are sorted.
+    """
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise DataError(
+            f"holdout_fraction={holdout_fraction}; expected a fraction in [0, 1). "
+            "Use e.g. 0.2 to keep 20% of the images for reporting."
+        )
+    num_held = int(round(num_images * holdout_fraction))
+    if num_images - num_held < 2:
+        raise DataError(
+            f"{num_images} images with holdout_fraction={holdout_fraction} leave "
+            f"{num_images - num_held} image(s) for the search; expected at least 2. "
+            "Use more images or a smaller held-out fraction."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_images, generator=gen)
+    held, search = perm[:num_held], perm[num_held:]
+    return search.sort().values, held.sort().values
+
+
+class PCACosineFitness:
+    """Mean PCA-projected cosine similarity between pruned and dense embeddings.
+
+    Args:
+        dense: dense-model embeddings ``[N, D]`` of the fixed fitness images.
+        dim: PCA components to keep (default 192). Centred ``N`` points span at most
+            ``N - 1`` directions, so ``dim`` is lowered to ``min(dim, N - 1, D)`` with a
+            logged warning when it does not fit (a component beyond that would be an
+            arbitrary direction of the null space). ``N < 2`` raises :class:`DataError`.
+
+    Attributes:
+        dim: the effective number of components.
+        mean: dense mean ``[D]`` (float64). components: ``[D, dim]`` (float64,
+        orthonormal columns, by decreasing explained variance).
+        explained_variance_ratio: ``[dim]`` share of the dense variance per component.
+
+    Calling the object on pruned embeddings ``[..., N, D]`` (leading dims: candidates,
+    sparsities, ...) returns the mean cosine over the ``N`` images, shape ``[...]``;
+    it is exactly 1 when the pruned embeddings equal the dense ones.
+    """
+
+    def __init__(self, dense: torch.Tensor, dim: int = DEFAULT_PCA_DIM) -> None:
+        dense = self._check_dense(dense)
+        n, d = dense.shape
+        if dim < 1:
+            raise DataError(f"PCA dim={dim}; expected a positive number of components (e.g. 192).")
+        effective = min(dim, n - 1, d)
+        if effective < dim:
+            logger.warning(
+                "PCA fitness: asked for %d components but %d embeddings of width %d support "
+                "at most %d; using %d. Use more fitness images (the paper uses 1000) to keep %d.",
+                dim, n, d, min(n - 1, d), effective, dim,
+            )
+        x = dense.detach().to(torch.float64)
+        self.mean = x.mean(dim=0)
+        centred = x - self.mean
+        # Right singular vectors of the centred data = principal axes (no N x N or D x D
+        # eigendecomposition, and better conditioned than forming the covariance).
+        _, svals, vh = torch.linalg.svd(centred, full_matrices=False)
+        self.dim = int(effective)
+        self.components = vh[: self.dim].T.contiguous()
+        variance = svals**2
+        total = float(variance.sum())
+        if total == 0:
+            logger.warning("PCA fitness: all %d dense embeddings are identical; every cosine will be 0.", n)
+        self.explained_variance_ratio = variance[: self.dim] / max(total, _EPS)
+        self.num_images = int(n)
+        self.width = int(d)
+        self._cache: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+        # Unit-norm projected dense embeddings, computed once (and once per other device).
+        self._dense_unit = {dense.device: self._unit_rows(self.project(dense))}
+
+    # ---------------------------------------------------------------- checks
+    @staticmethod
+    def _check_dense(dense: torch.Tensor) -> torch.Tensor:
+        if not isinstance(dense, torch.Tensor) or dense.ndim != 2:
+            shape = tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__
+            raise DataError(f"dense embeddings have shape {shape}; expected a tensor [N images, D].")
+        n = dense.shape[0]
+        if n < 2:
+            raise DataError(
+                f"PCA fitness got {n} dense embedding(s); expected at least 2 (the paper uses "
+                f"{DEFAULT_NUM_IMAGES} images). Point the search at more images."
+            )
+        if not torch.isfinite(dense).all():
+            raise NumericalError("dense embeddings contain NaN or inf; expected finite values.")
+        return dense
+
+    def _check_pruned(self, pruned: torch.Tensor, n: int) -> None:
+        if pruned.ndim < 2 or pruned.shape[-2] != n or pruned.shape[-1] != self.width:
+            raise DataError(
+                f"pruned embeddings have shape {tuple(pruned.shape)}; expected [..., {n}, "
+                f"{self.width}] (the same images, in the same order, as the dense embeddings)."
+            )
+
+    # ------------------------------------------------------------ projection
+    def _affine(self, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, V)`` on ``device`` in ``dtype``, cached per device and dtype."""
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = (
+                self.mean.to(device=device, dtype=dtype),
+                self.components.to(device=device, dtype=dtype),
+            )
+        return self._cache[key]
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """PCA coordinates ``(z - mean) V``: ``[..., D] -> [..., dim]``.
+
+        Centred before the product, not as ``z V - mean V``: ViT embeddings share an
+        offset much larger than their spread, and subtracting after the product would
+        leave rounding noise of the offset's size in every coordinate. float64 input
+        stays float64; other dtypes are computed in float32.
+        """
+        if z.shape[-1] != self.width:
+            raise DataError(
+                f"embeddings have width {z.shape[-1]}; expected {self.width} (the dense width)."
+            )
+        dtype = _compute_dtype(z.dtype)
+        mean, v = self._affine(z.device, dtype)
+        return (z.to(dtype) - mean) @ v
+
+    def _dense_unit_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._dense_unit:
+            first = next(iter(self._dense_unit.values()))
+            self._dense_unit[device] = first.to(device)
+        return self._dense_unit[device]
+
+    @staticmethod
+    def _unit_rows(p: torch.Tensor) -> torch.Tensor:
+        """Rows scaled to unit norm; zero rows stay zero (their cosine is 0)."""
+        return p / p.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+    # --------------------------------------------------------------- scoring
+    def per_image(self, pruned: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cosine per image: ``[..., N, D] -> [..., N]``.
+
+        ``dense`` defaults to the embeddings the PCA was fitted on; pass the dense
+        embeddings of other images (e.g. a held-out split) to score those instead.
+        """
+        if dense is None:
+            ref = self._dense_unit_on(pruned.device)
+        else:
+            if dense.ndim != 2:
+                raise DataError(f"dense embeddings have shape {tuple(dense.shape)}; expected [N, D].")
+            ref = self._unit_rows(self.project(dense))
+        self._check_pruned(pruned, ref.shape[0])
+        q = self._unit_rows(self.project(pruned))
+        ref = ref.to(device=q.device, dtype=q.dtype)
+        return (q * ref).sum(dim=-1)
+
+    def __call__(self, pruned: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean cosine over the images: ``[..., N, D] -> [...]`` (1 for pruned == dense)."""
+        return self.per_image(pruned, dense).mean(dim=-1)
+
+    def candidate_fitness(self, pruned: torch.Tensor) -> torch.Tensor:
+        """Paper Eq. 6 for a batch: ``[candidates, sparsities, N, D] -> [candidates]``."""
+        if pruned.ndim != 4:
+            raise DataError(
+                f"pruned embeddings have shape {tuple(pruned.shape)}; expected "
+                "[candidates, sparsities, N, D]."
+            )
+        return self(pruned).mean(dim=-1)

@@ -1,0 +1,366 @@
+"""Tests of the fused squared-gradient accumulator and the per-sample ("ghost") norms.
+
+Every Triton call here passes ``backend="triton"``: on a GPU it runs natively, on the
+CPU under ``TRITON_INTERPRET=1`` (set by tests/conftest.py, and below as a fallback when
+this file runs alone). Shapes are tiny but awkward (no powers of two) because the
+interpreter is slow.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from elastic_fx.kernels import sqgrad as sq  # noqa: E402
+from elastic_fx.kernels.sqgrad import (  # noqa: E402
+    SqgradJob,
+    accumulate_slices,
+    ghost_sqnorm,
+    ghost_sqnorm_ref,
+    sqgrad_accumulate,
+    sqgrad_accumulate_many,
+    sqgrad_accumulate_ref,
+)
+from elastic_fx.structures import ParamSlice  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Squares of fp16/bf16 values are exact in fp32, so every dtype differs from the oracle
+# only by the fp32 summation order: the same tolerance fits all three.
+DTYPES = [
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-5, 1e-5, id="fp16"),
+    pytest.param(torch.bfloat16, 1e-5, 1e-5, id="bf16"),
+]
+
+
+def head_rows(num_heads: int, head_dim: int) -> torch.Tensor:
+    """Rows of head h in a fused qkv projection [3E, E]: q, k and v rows."""
+    embed = num_heads * head_dim
+    return torch.stack([
+        torch.cat([torch.arange(p * embed + h * head_dim, p * embed + (h + 1) * head_dim) for p in range(3)])
+        for h in range(num_heads)
+    ])
+
+
+def head_cols(num_heads: int, head_dim: int) -> torch.Tensor:
+    return torch.arange(num_heads * head_dim).view(num_heads, head_dim)
+
+
+def make_grad(shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+
+
+# (shape, dim, index): ViT-like slices at awkward sizes (3 heads of dim 5, 37 neurons)
+CASES = [
+    pytest.param((45, 15), 0, head_rows(3, 5), id="qkv_weight_rows"),
+    pytest.param((45,), 0, head_rows(3, 5), id="qkv_bias"),
+    pytest.param((15, 15), 1, head_cols(3, 5), id="out_proj_cols"),
+    pytest.param((37, 15), 0, torch.arange(37)[:, None], id="fc1_rows"),
+    pytest.param((15, 37), -1, torch.arange(37)[:, None], id="fc2_cols"),
+    pytest.param((38, 15), 0, torch.stack([torch.arange(19), torch.arange(19) + 19], 1), id="gated_fc1"),
+    pytest.param((3, 10, 19), 1, torch.randperm(10, generator=torch.Generator().manual_seed(1)).view(5, 2),
+                 id="3d_middle_dim_permuted"),
+    pytest.param((3, 4, 50), 2, torch.arange(0, 50, 3)[:, None], id="3d_last_dim_partial_cover"),
+    pytest.param((37, 50), 0, torch.tensor([[36, 0, 5], [5, 5, 1]]), id="repeated_positions"),
+]
+
+
+@pytest.mark.parametrize("shape,dim,index", CASES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("with_fisher,steps", [(False, None), (True, 1)], ids=["plain", "fisher_chunked"])
+def test_matches_reference(shape, dim, index, dtype, atol, rtol, with_fisher, steps):
+    grad = make_grad(shape, dtype)
+    out = torch.randn(index.shape[0], device=DEVICE)  # accumulates onto what is there
+    fisher = torch.randn(shape, device=DEVICE) if with_fisher else None
+    out_ref = out.clone()
+    fisher_ref = fisher.clone() if with_fisher else None
+
+    sqgrad_accumulate(grad, dim, index, out, fisher, backend="triton", steps_per_program=steps)
+    sqgrad_accumulate_ref(grad, dim, index, out_ref, fisher_ref)
+
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol)
+    if with_fisher:
+        torch.testing.assert_close(fisher, fisher_ref, atol=atol, rtol=rtol)
+
+
+def block_slices(heads: int, head_dim: int, hidden: int):
+    """The ParamSlices of one ViT block, as discovery describes them."""
+    embed = heads * head_dim
+    hr, hc, n = head_rows(heads, head_dim), head_cols(heads, head_dim), torch.arange(hidden)[:, None]
+    attn = [
+        ParamSlice("attn.qkv.weight", (3 * embed, embed), 0, hr),
+        ParamSlice("attn.qkv.bias", (3 * embed,), 0, hr),
+        ParamSlice("attn.proj.weight", (embed, embed), 1, hc),
+    ]
+    mlp = [
+        ParamSlice("mlp.fc1.weight", (hidden, embed), 0, n),
+        ParamSlice("mlp.fc1.bias", (hidden,), 0, n),
+        ParamSlice("mlp.fc2.weight", (embed, hidden), 1, n),
+    ]
+    return attn, mlp
+
+
+def test_many_jobs_mixed_dtypes_and_strided_outputs():
+    """Two blocks in one call: outputs are columns of a [structures, blocks] matrix."""
+    heads, head_dim, hidden = 3, 5, 23
+    attn, mlp = block_slices(heads, head_dim, hidden)
+    head_scores = torch.zeros(heads, 2, device=DEVICE)  # out = head_scores[:, b]: stride 2
+    neuron_scores = torch.zeros(hidden, 2, device=DEVICE)
+    jobs, ref_jobs = [], []
+    for b in range(2):
+        for k, (sl, scores) in enumerate([(s, head_scores) for s in attn] + [(s, neuron_scores) for s in mlp]):
+            dtype = (torch.bfloat16, torch.float32, torch.float16)[(b + k) % 3]
+            grad = make_grad(sl.shape, dtype, seed=10 * b + k)
+            fisher = torch.zeros(sl.shape, device=DEVICE)
+            jobs.append(SqgradJob(grad, sl.dim, sl.index, scores[:, b], fisher))
+            ref_jobs.append(SqgradJob(grad, sl.dim, sl.index, torch.zeros(scores.shape[0], device=DEVICE),
+                                      torch.zeros(sl.shape, device=DEVICE)))
+    sqgrad_accumulate_many(jobs, backend="triton", steps_per_program=1)
+    for jb in ref_jobs:
+        sqgrad_accumulate_ref(jb.grad, jb.dim, jb.index, jb.out, jb.fisher)
+    for b in range(2):
+        want_heads = sum(jb.out for jb in ref_jobs[6 * b: 6 * b + 3])
+        want_neurons = sum(jb.out for jb in ref_jobs[6 * b + 3: 6 * b + 6])
+        torch.testing.assert_close(head_scores[:, b], want_heads, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(neuron_scores[:, b], want_neurons, atol=1e-5, rtol=1e-5)
+    for jb, rj in zip(jobs, ref_jobs):
+        torch.testing.assert_close(jb.fisher, rj.fisher, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_accumulator_holds_exact_sum_of_two_batches(backend):
+    """Fed known gradients twice, the buffers hold exactly their sum (integers stay exact)."""
+    heads, head_dim, hidden = 3, 5, 23
+    attn, mlp = block_slices(heads, head_dim, hidden)
+    gen = torch.Generator().manual_seed(3)
+    batches = [
+        {s.name: torch.randint(-4, 5, s.shape, generator=gen).float().to(DEVICE) for s in attn + mlp}
+        for _ in range(2)
+    ]
+    batches[1] = {k: v.to(torch.bfloat16) for k, v in batches[1].items()}  # small ints are exact in bf16
+    head_scores = torch.zeros(heads, device=DEVICE)
+    neuron_scores = torch.zeros(hidden, device=DEVICE)
+    fisher = {}
+    for grads in batches:
+        accumulate_slices(grads, attn, head_scores, fisher, backend=backend)
+        accumulate_slices(grads, mlp, neuron_scores, fisher, backend=backend)
+
+    def expected(slices, count):
+        total = torch.zeros(count, dtype=torch.float64)
+        for grads in batches:
+            for s in slices:
+                g2 = grads[s.name].double().cpu() ** 2
+                others = [d for d in range(g2.dim()) if d != s.dim]
+                per_pos = g2.sum(others) if others else g2
+                total += per_pos[s.index].sum(1)
+        return total.float()
+
+    assert torch.equal(head_scores.cpu(), expected(attn, heads))
+    assert torch.equal(neuron_scores.cpu(), expected(mlp, hidden))
+    assert set(fisher) == {s.name for s in attn + mlp}
+    for name, f in fisher.items():
+        want = sum(grads[name].double().cpu() ** 2 for grads in batches).float()
+        assert torch.equal(f.cpu(), want), name
+
+
+def test_deterministic_bit_for_bit():
+    grad = make_grad((37, 50), torch.float32, seed=5)
+    index = torch.arange(50).view(10, 5)
+    results = []
+    for _ in range(2):
+        out = torch.zeros(10, device=DEVICE)
+        fisher = torch.zeros(37, 50, device=DEVICE)
+        sqgrad_accumulate(grad, 1, index, out, fisher, backend="triton", steps_per_program=1)
+        results.append((out, fisher))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_gradients_accumulate_in_fp32(dtype):
+    """300**2 overflows fp16; the sums must still be finite and right."""
+    grad = torch.full((7, 9), 300.0, dtype=dtype, device=DEVICE)
+    out = torch.zeros(7, device=DEVICE)
+    sqgrad_accumulate(grad, 0, torch.arange(7)[:, None], out, backend="triton")
+    assert torch.equal(out.cpu(), torch.full((7,), 9 * 300.0**2))
+
+
+def test_non_contiguous_grad_and_fisher():
+    base = make_grad((19, 37), torch.float32, seed=7)
+    grad = base.t()  # [37, 19], not contiguous
+    fisher = torch.zeros(19, 37, device=DEVICE).t()
+    fisher_ref = torch.zeros(37, 19, device=DEVICE)
+    index = torch.arange(37)[:, None]
+    out, out_ref = torch.zeros(37, device=DEVICE), torch.zeros(37, device=DEVICE)
+    sqgrad_accumulate(grad, 0, index, out, fisher, backend="triton")
+    sqgrad_accumulate_ref(grad, 0, index, out_ref, fisher_ref)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fisher, fisher_ref, atol=0, rtol=0)
+
+
+def test_index_changed_in_place_is_seen():
+    """The cached schedule must follow an index tensor that was modified in place."""
+    grad = make_grad((23, 11), torch.float32, seed=8)
+    index = torch.arange(23)[:, None].clone()
+    out = torch.zeros(23, device=DEVICE)
+    sqgrad_accumulate(grad, 0, index, out, backend="triton")
+    index.copy_(index.flip(0))
+    out2, out_ref = torch.zeros(23, device=DEVICE), torch.zeros(23, device=DEVICE)
+    sqgrad_accumulate(grad, 0, index, out2, backend="triton")
+    sqgrad_accumulate_ref(grad, 0, index, out_ref)
+    torch.testing.assert_close(out2, out_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out2, out.flip(0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_inputs_change_nothing(backend):
+    out = torch.ones(4, device=DEVICE)
+    sqgrad_accumulate(make_grad((0, 5), torch.float32), 1, torch.arange(5).view(5, 1)[:4], out, backend=backend)
+    sqgrad_accumulate(make_grad((6, 5), torch.float32), 0, torch.empty(4, 0, dtype=torch.long), out,
+                      backend=backend)
+    assert torch.equal(out.cpu(), torch.ones(4))
+
+
+def test_interleaved_outputs_allowed_but_overlapping_rejected():
+    grad = make_grad((6, 4), torch.float32, seed=9)
+    index = torch.arange(6)[:, None]
+    scores = torch.zeros(6, 2, device=DEVICE)
+    sqgrad_accumulate_many([SqgradJob(grad, 0, index, scores[:, 0]), SqgradJob(grad, 0, index, scores[:, 1])],
+                           backend="triton")
+    torch.testing.assert_close(scores[:, 0], scores[:, 1], atol=0, rtol=0)
+    flat = torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match="share memory"):
+        sqgrad_accumulate_many([SqgradJob(grad, 0, index, flat[:6]), SqgradJob(grad, 0, index, flat[2:])],
+                               backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_invalid_inputs_raise_value_error(backend):
+    grad = make_grad((37, 50), torch.float32)
+    index = torch.arange(50).view(10, 5)
+    out = torch.zeros(10, device=DEVICE)
+    with pytest.raises(ValueError, match=r"position 50.*size 50 along dim 1.*\[0, 50\)"):
+        sqgrad_accumulate(grad, 1, index + 1, out, backend=backend)
+    with pytest.raises(ValueError, match="position -1"):
+        sqgrad_accumulate(grad, 1, index - 1, out, backend=backend)
+    with pytest.raises(ValueError, match=r"out is \(10,\) float64"):
+        sqgrad_accumulate(grad, 1, index, out.double(), backend=backend)
+    with pytest.raises(ValueError, match=r"out has shape \(9,\).*wanted out of shape \(10,\)"):
+        sqgrad_accumulate(grad, 1, index, out[:9], backend=backend)
+    with pytest.raises(ValueError, match=r"fisher is \(50, 37\) float32.*wanted float32 of grad's shape \(37, 50\)"):
+        sqgrad_accumulate(grad, 1, index, out, torch.zeros(50, 37, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match=r"dim=2 for grad of shape \(37, 50\)"):
+        sqgrad_accumulate(grad, 2, index, out, backend=backend)
+    with pytest.raises(ValueError, match="integer tensor"):
+        sqgrad_accumulate(grad, 1, index.float(), out, backend=backend)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        sqgrad_accumulate(grad.double(), 1, index, out, backend=backend)
+    assert torch.equal(out.cpu(), torch.zeros(10))  # nothing was written by the failed calls
+
+
+def test_unknown_backend_rejected():
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        sqgrad_accumulate(make_grad((3, 3), torch.float32), 0, torch.arange(3)[:, None],
+                          torch.zeros(3, device=DEVICE), backend="cuda")
+
+
+def test_auto_dispatch(monkeypatch):
+    """CUDA -> Triton; CPU -> reference unless ELASTIC_FX_FORCE_TRITON=1."""
+    calls = []
+    monkeypatch.setattr(sq, "_run_triton", lambda *a, **k: calls.append(a))
+    grad = torch.randn(4, 3)
+    out = torch.zeros(4)
+    monkeypatch.delenv(sq.FORCE_TRITON_ENV, raising=False)
+    sqgrad_accumulate(grad, 0, torch.arange(4)[:, None], out)
+    assert calls == [] and out.sum() > 0  # the reference ran on the CPU tensors
+    if sq._INTERPRETED:
+        monkeypatch.setenv(sq.FORCE_TRITON_ENV, "1")
+        sqgrad_accumulate(grad, 0, torch.arange(4)[:, None], out)
+        assert len(calls) == 1
+    if torch.cuda.is_available() and not sq._INTERPRETED:
+        sqgrad_accumulate(grad.cuda(), 0, torch.arange(4)[:, None], out.cuda())
+        assert len(calls) == 1
+
+
+def test_accumulate_slices_skips_missing_and_checks_shapes():
+    attn, _ = block_slices(3, 5, 7)
+    grads = {"attn.qkv.weight": make_grad((45, 15), torch.float32), "attn.proj.weight": None}
+    out, out_ref = torch.zeros(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    accumulate_slices(grads, attn, out, backend="triton")
+    sqgrad_accumulate_ref(grads["attn.qkv.weight"], 0, attn[0].index, out_ref)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"has shape \(15, 45\); wanted \(45, 15\)"):
+        accumulate_slices({"attn.qkv.weight": make_grad((15, 45), torch.float32)}, attn, out)
+
+
+# ----------------------------------------------------------------------------- ghost norms
+def per_sample_loop(x, g):
+    """The definition: materialise every sample's gradient G_i^T X_i (float64)."""
+    rows = torch.zeros(g.shape[2], dtype=torch.float64)
+    cols = torch.zeros(x.shape[2], dtype=torch.float64)
+    bias = torch.zeros(g.shape[2], dtype=torch.float64)
+    for xi, gi in zip(x.double().cpu(), g.double().cpu()):
+        w = gi.T @ xi
+        rows += (w**2).sum(1)
+        cols += (w**2).sum(0)
+        bias += gi.sum(0) ** 2
+    return rows, cols, bias
+
+
+GHOST_SHAPES = [
+    pytest.param(3, 19, 20, 33, id="B3_T19_in20_out33"),
+    pytest.param(2, 1, 17, 5, id="B2_T1_in17_out5"),
+]
+
+
+@pytest.mark.parametrize("B,T,n_in,n_out", GHOST_SHAPES)
+@pytest.mark.parametrize("dtype,atol,rtol", [
+    pytest.param(torch.float32, 1e-4, 1e-4, id="fp32"),
+    pytest.param(torch.float16, 1e-4, 1e-4, id="fp16"),  # products of half inputs, fp32 accumulation
+    pytest.param(torch.bfloat16, 1e-4, 1e-4, id="bf16"),
+])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ghost_matches_per_sample_loop(B, T, n_in, n_out, dtype, atol, rtol, backend):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(B, T, n_in, generator=gen).to(dtype).to(DEVICE)
+    g = torch.randn(B, T, n_out, generator=gen).to(dtype).to(DEVICE)
+    got = ghost_sqnorm(x, g, backend=backend)
+    for name, a, b in zip(("rows", "cols", "bias"), got, per_sample_loop(x, g)):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        torch.testing.assert_close(a.cpu().double(), b, atol=atol * b.abs().max().item(), rtol=rtol, msg=name)
+
+
+def test_ghost_equals_autograd_per_sample_fisher():
+    """Against an explicit per-sample autograd loop on a real nn.Linear."""
+    torch.manual_seed(12)
+    layer = torch.nn.Linear(13, 21).to(DEVICE)
+    x = torch.randn(4, 6, 13, device=DEVICE)
+    target = torch.randn(4, 6, 21, device=DEVICE)
+    w_sq = torch.zeros_like(layer.weight)
+    b_sq = torch.zeros_like(layer.bias)
+    for i in range(4):
+        layer.zero_grad()
+        ((layer(x[i]) - target[i]) ** 2).sum().backward()
+        w_sq += layer.weight.grad**2
+        b_sq += layer.bias.grad**2
+    y = layer(x)
+    (g,) = torch.autograd.grad(((y - target) ** 2).sum(), y)  # per-sample output gradients
+    rows, cols, bias = ghost_sqnorm(x, g, backend="triton")
+    torch.testing.assert_close(rows, w_sq.sum(1), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(cols, w_sq.sum(0), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(bias, b_sq, atol=1e-3, rtol=1e-4)
+    rows_ref, _, _ = ghost_sqnorm_ref(x, g)
+    torch.testing.assert_close(rows_ref, w_sq.sum(1), atol=1e-3, rtol=1e-4)
+
+
+def test_ghost_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match=r"x is \(2, 5, 3\).*g is \(2, 4, 6\)"):
+        ghost_sqnorm(torch.zeros(2, 5, 3), torch.zeros(2, 4, 6))
+    with pytest.raises(ValueError, match="one dtype"):
+        ghost_sqnorm(torch.zeros(2, 5, 3), torch.zeros(2, 5, 6, dtype=torch.float16))

@@ -1,0 +1,255 @@
+"""Evaluators: k-NN, linear probe, feature extraction and labelled-data loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from elastic_fx.errors import DataError, ElasticFxError
+from elastic_fx.evaluate import (
+    LabelledData,
+    LinearProbeConfig,
+    extract_features,
+    knn_top1,
+    linear_probe,
+    load_labelled,
+    to_model_input,
+)
+
+ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
+CIFAR_NPZ = ASSETS / "cifar10-subset" / "cifar10_subset.npz"
+CIFAR_VIT = ASSETS / "vit-cifar" / "vit_cifar.pt"
+
+
+def blobs(n_train: int, n_test: int, classes: int = 10, dim: int = 32, sep: float = 3.0, seed: int = 0):
+    """Gaussian clusters around random centres: linearly and k-NN separable for sep >> 1."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * sep
+    y = torch.randperm(n_train + n_test, generator=g) % classes
+    x = centres[y] + torch.randn(len(y), dim, generator=g)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+# ----------------------------------------------------------------------------- k-NN
+
+
+def test_knn_separable_is_perfect():
+    xtr, ytr, xte, yte = blobs(1000, 300)
+    assert knn_top1(xtr, ytr, xte, yte, k=20) == 1.0
+
+
+def test_knn_shuffled_labels_is_chance():
+    xtr, ytr, xte, yte = blobs(2000, 1000)
+    shuffled = ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1))]
+    acc = knn_top1(xtr, shuffled, xte, yte, k=20)
+    assert abs(acc - 0.1) < 0.05, acc
+
+
+def test_knn_uses_l2_normalised_features():
+    # classes differ only in direction; random per-row scales would wreck raw Euclidean k-NN
+    xtr, ytr, xte, yte = blobs(600, 200, dim=16, sep=3.0)
+    g = torch.Generator().manual_seed(2)
+    scale_tr = torch.exp(torch.randn(len(xtr), 1, generator=g) * 3)
+    scale_te = torch.exp(torch.randn(len(xte), 1, generator=g) * 3)
+    plain = knn_top1(xtr, ytr, xte, yte)
+    scaled = knn_top1((xtr * scale_tr).numpy(), ytr.numpy(), (xte * scale_te).numpy(), yte.numpy())
+    assert scaled == plain
+
+
+def test_knn_majority_vote_small_case():
+    # 3 neighbours of class 1 at angle ~0, 2 of class 0 nearby: k=5 votes 3:2 for class 1
+    train = torch.tensor([[1.0, 0.01], [1.0, -0.01], [1.0, 0.02], [1.0, 0.2], [1.0, -0.2], [-1.0, 0.0]])
+    labels = torch.tensor([1, 1, 1, 0, 0, 0])
+    test = torch.tensor([[5.0, 0.0]])
+    assert knn_top1(train, labels, test, torch.tensor([1]), k=5) == 1.0
+    assert knn_top1(train, labels, test, torch.tensor([0]), k=6) == 1.0  # 3:3 tie -> smallest label (sklearn)
+
+
+def test_knn_rejects_bad_input():
+    xtr, ytr, xte, yte = blobs(50, 10)
+    with pytest.raises(DataError, match="feature dims"):
+        knn_top1(xtr, ytr, xte[:, :5], yte)
+    with pytest.raises(DataError, match="one label per feature row"):
+        knn_top1(xtr, ytr[:-1], xte, yte)
+    with pytest.raises(DataError, match="positive int"):
+        knn_top1(xtr, ytr, xte, yte, k=0)
+    assert knn_top1(xtr, ytr, xte, yte, k=500) >= 0.0  # k clamped to the 50 training samples
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+def test_linear_probe_learns_separable_toy_set():
+    xtr, ytr, xte, yte = blobs(600, 200)
+    acc = linear_probe(xtr, ytr, xte, yte, LinearProbeConfig(epochs=15))
+    assert acc >= 0.98, acc
+
+
+def test_linear_probe_learns_a_linear_boundary():
+    # not clustered: labels are the sign of a projection; a linear head fits it, chance is 0.5
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1400, 8, generator=g)
+    w = torch.randn(8, generator=g)
+    keep = (x @ w).abs() > 0.5
+    x, y = x[keep], (x[keep] @ w > 0).long()
+    acc = linear_probe(x[:800], y[:800], x[800:], y[800:], LinearProbeConfig(epochs=40))
+    assert acc >= 0.95, acc
+
+
+def test_linear_probe_shuffled_labels_is_near_chance_and_deterministic():
+    xtr, ytr, xte, yte = blobs(600, 300)
+    shuffled = ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(4))]
+    cfg = LinearProbeConfig(epochs=5)
+    acc = linear_probe(xtr, shuffled, xte, yte, cfg)
+    assert acc < 0.25, acc
+    assert linear_probe(xtr, shuffled, xte, yte, cfg) == acc
+
+
+def test_linear_probe_with_explicit_validation_split():
+    xtr, ytr, xte, yte = blobs(600, 200)
+    acc = linear_probe(xtr[:500], ytr[:500], xte, yte, LinearProbeConfig(epochs=10), val=(xtr[500:], ytr[500:]))
+    assert acc >= 0.98
+
+
+def test_linear_probe_config_defaults_follow_the_paper_and_validate():
+    cfg = LinearProbeConfig()
+    assert (cfg.epochs, cfg.lr, cfg.momentum, cfg.batch_size, cfg.weight_decay) == (100, 1e-3, 0.9, 256, 0.0)
+    with pytest.raises(ElasticFxError, match="val_fraction"):
+        LinearProbeConfig(val_fraction=1.0)
+    with pytest.raises(ElasticFxError, match="epochs"):
+        LinearProbeConfig(epochs=0)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+class _Tokens(torch.nn.Module):
+    """[B, 3, H, W] -> tokens [B, 1 + H*W, 3] whose first token is a per-image mean."""
+
+    def forward(self, x):
+        tokens = x.flatten(2).transpose(1, 2)
+        return torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)
+
+
+class _DictOut(torch.nn.Module):
+    def __init__(self, with_pooler: bool):
+        super().__init__()
+        self.with_pooler = with_pooler
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        out = {"last_hidden_state": x.flatten(2).transpose(1, 2)}
+        if self.with_pooler:
+            out["pooler_output"] = self.drop(x.mean((2, 3)))
+        return out
+
+
+def test_extract_features_takes_class_token_and_batches_consistently():
+    x = torch.randn(7, 3, 4, 4)
+    feats = extract_features(_Tokens(), x, batch_size=3)
+    torch.testing.assert_close(feats, x.mean((2, 3)))
+    loader = [(x[:4], torch.zeros(4)), (x[4:], torch.zeros(3))]
+    torch.testing.assert_close(extract_features(_Tokens(), loader), feats)
+
+
+def test_extract_features_dict_outputs_and_eval_mode_restored():
+    x = torch.randn(5, 3, 4, 4)
+    model = _DictOut(with_pooler=True).train()
+    feats = extract_features(model, x, batch_size=2)
+    torch.testing.assert_close(feats, x.mean((2, 3)))  # dropout off: eval mode during extraction
+    assert model.training  # ... and the caller's mode is back
+    torch.testing.assert_close(extract_features(_DictOut(with_pooler=False), x), x.flatten(2).transpose(1, 2)[:, 0])
+
+
+def test_extract_features_rejects_bad_images():
+    with pytest.raises(DataError, match="to_model_input"):
+        extract_features(_Tokens(), torch.zeros(2, 4, 4, 3, dtype=torch.uint8))
+    with pytest.raises(DataError, match="empty"):
+        extract_features(_Tokens(), [])
+
+
+def test_to_model_input_normalises_uint8_hwc():
+    img = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    img[..., 0] = 255
+    x = to_model_input(img, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5))
+    assert x.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(x[:, 0], torch.ones(2, 4, 4))
+    torch.testing.assert_close(x[:, 1], torch.full((2, 4, 4), -2.0))
+    assert to_model_input(img, size=8).shape == (2, 3, 8, 8)
+
+
+# ----------------------------------------------------------------------------- data loading
+
+
+def test_load_labelled_npz(tmp_path):
+    x = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x[:4], y_train=np.array([0, 1, 2, 1]), x_test=x[4:],
+             y_test=np.array([2, 0]), label_names=np.array(["a", "b", "c"]))
+    data = load_labelled(tmp_path / "d.npz")
+    assert isinstance(data, LabelledData)
+    assert data.class_names == ["a", "b", "c"] and data.num_classes == 3
+    np.testing.assert_array_equal(data.x_test, x[4:])
+    assert data.y_train.dtype == np.int64
+    np.savez(tmp_path / "bad.npz", x_train=x, y_train=np.zeros(6, dtype=np.int64))
+    with pytest.raises(DataError, match="x_test"):
+        load_labelled(tmp_path / "bad.npz")
+
+
+def _write_images(root: Path, per_class: dict) -> None:
+    from PIL import Image
+
+    for cls, colours in per_class.items():
+        (root / cls).mkdir(parents=True)
+        for i, colour in enumerate(colours):
+            Image.new("RGB", (12 + i, 10), colour).save(root / cls / f"{i}.png")
+
+
+def test_load_labelled_folders(tmp_path):
+    _write_images(tmp_path / "train", {"dog": [(0, 0, 255)] * 2, "cat": [(255, 0, 0)] * 3})
+    _write_images(tmp_path / "test", {"dog": [(0, 0, 250)]})
+    data = load_labelled(tmp_path, image_size=8)  # finds train/ and test/
+    assert data.class_names == ["cat", "dog"]  # sorted folder names
+    assert data.x_train.shape == (5, 8, 8, 3) and data.x_train.dtype == np.uint8
+    assert sorted(data.y_train.tolist()) == [0, 0, 0, 1, 1]
+    assert data.y_test.tolist() == [1]
+    assert data.x_test[0, 4, 4].tolist() == [0, 0, 250]
+    same = load_labelled(tmp_path / "train", tmp_path / "test", image_size=8)
+    np.testing.assert_array_equal(same.x_train, data.x_train)
+
+
+def test_load_labelled_folder_errors(tmp_path):
+    _write_images(tmp_path / "tr", {"dog": [(0, 0, 0)]})
+    _write_images(tmp_path / "te", {"bird": [(0, 0, 0)]})
+    with pytest.raises(DataError, match="bird"):
+        load_labelled(tmp_path / "tr", tmp_path / "te")
+    with pytest.raises(DataError, match="test_dir"):
+        load_labelled(tmp_path / "tr")
+    (tmp_path / "tr" / "dog" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="broken.jpg"):
+        load_labelled(tmp_path / "tr", tmp_path / "tr")
+
+
+# ----------------------------------------------------------------------------- real asset
+
+
+@pytest.mark.skipif(not (CIFAR_NPZ.exists() and CIFAR_VIT.exists()),
+                    reason=f"real CIFAR assets not found under {ASSETS} (optional quality check)")
+def test_knn_on_real_cifar_vit_is_well_above_chance():
+    import timm
+
+    ckpt = torch.load(CIFAR_VIT, map_location="cpu", weights_only=True)
+    model = timm.models.vision_transformer.VisionTransformer(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.reset_classifier(0)  # features without the head
+    data = load_labelled(CIFAR_NPZ)
+    tr = np.linspace(0, len(data.y_train) - 1, 1000).astype(int)
+    te = np.linspace(0, len(data.y_test) - 1, 300).astype(int)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+    f_train = extract_features(model, to_model_input(data.x_train[tr], mean, std), batch_size=250)
+    f_test = extract_features(model, to_model_input(data.x_test[te], mean, std), batch_size=300)
+    assert f_train.shape == (1000, ckpt["config"]["embed_dim"])
+    acc = knn_top1(f_train, data.y_train[tr], f_test, data.y_test[te], k=20)
+    assert acc > 0.35, f"k-NN {acc:.3f} on the real ViT; full-split reference is 0.568, chance 0.1"
