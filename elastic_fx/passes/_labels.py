@@ -86,7 +86,7 @@ def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
         mod = gm.get_submodule(node.target)
         if isinstance(mod, nn.Linear):
             return "linear"
-        if isinstance(mod, nn.MultiheadAttention):
+        if isinstance(mod, nn.MultiheadAttention) or type(mod).__name__ == "SlicedMultiheadAttention":
             return "multihead_attention"
         if isinstance(mod, _POINTWISE_MODULES):
             return "identity"

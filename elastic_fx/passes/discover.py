@@ -418,16 +418,17 @@ class _Analysis:
 
     # -- nn.MultiheadAttention (a torch.nn leaf: its layout is defined by PyTorch)
     def mha(self, node: fx.Node) -> Tuple[AttentionGroup, int]:
-        m: nn.MultiheadAttention = self.gm.get_submodule(node.target)
+        m = self.gm.get_submodule(node.target)  # nn.MultiheadAttention or our SlicedMultiheadAttention
         E, H = m.embed_dim, m.num_heads
-        hd = E // H
+        hd = getattr(m, "head_dim", E // H)
+        inner = H * hd  # == E for PyTorch's module; smaller once sliced
         pre = node.target
         q_shape = self.interp.shapes.get(node.args[0]) if node.args else None
         tokens = (q_shape[1] if m.batch_first else q_shape[0]) if q_shape else 1
         kv_shape = self.interp.shapes.get(node.args[1]) if len(node.args) > 1 else q_shape
         kv_tokens = (kv_shape[1] if m.batch_first else kv_shape[0]) if kv_shape else tokens
         per_head = torch.arange(H).view(H, 1) * hd + torch.arange(hd)  # [H, hd]
-        qkv_rows = torch.cat([per_head + i * E for i in range(3)], dim=1)  # [H, 3hd]
+        qkv_rows = torch.cat([per_head + i * inner for i in range(3)], dim=1)  # [H, 3hd]
         slices = []
         if m._qkv_same_embed_dim:
             slices.append(ParamSlice(f"{pre}.in_proj_weight", tuple(m.in_proj_weight.shape), 0, qkv_rows))
@@ -532,6 +533,11 @@ def discover(gm: fx.GraphModule) -> StructureMap:
             "If this is a ViT whose attention sits inside an opaque module, trace it without registering "
             "that module as a leaf." + (f" Notes: {'; '.join(an.notes)}" if an.notes else "")
         )
+    buffers = {name for name, _ in gm.named_buffers()}
+    for _, _, g in groups:
+        if any(s.name in buffers for s in g.slices):
+            g.slices = tuple(ParamSlice(s.name, s.shape, s.dim, s.index, s.name in buffers) for s in g.slices)
+            g.__post_init__()
     groups.sort(key=lambda g: g[0])
     blocks: List[Block] = []
     for _, kind, g in groups:

@@ -63,6 +63,7 @@ CASES = [
     pytest.param((15, 15), 1, head_cols(3, 5), id="out_proj_cols"),
     pytest.param((37, 15), 0, torch.arange(37)[:, None], id="fc1_rows"),
     pytest.param((15, 37), -1, torch.arange(37)[:, None], id="fc2_cols"),
+    pytest.param((70, 7), 1, torch.arange(7)[:, None], id="tall_cols_many_partial_rows"),
     pytest.param((38, 15), 0, torch.stack([torch.arange(19), torch.arange(19) + 19], 1), id="gated_fc1"),
     pytest.param((3, 10, 19), 1, torch.randperm(10, generator=torch.Generator().manual_seed(1)).view(5, 2),
                  id="3d_middle_dim_permuted"),

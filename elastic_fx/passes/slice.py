@@ -1,0 +1,494 @@
+"""slice(gm, smap, keep) -> a physically smaller GraphModule.
+
+Takes a traced GraphModule, its StructureMap and a keep-mask
+(``{block: {"heads": [...], "neurons": [...]}}``; blocks and keys not named are kept whole)
+and returns a NEW module in which
+
+* every parameter a removed head or neuron owned is gone: each ParamSlice's tensor is
+  ``index_select``-ed into a new contiguous tensor (q/k/v rows, packed in-projection rows,
+  composite-bias parts, out-projection columns, gated FFN rows, per-head bias tables ...);
+* every constant that depended on the old width is rewritten: ``view``/``reshape``/
+  ``expand``/``unflatten`` shape arguments, ``split`` sizes, slice bounds, and
+  ``nn.Linear.in_features/out_features``. Which dims shrink is not guessed: the graph is
+  run once with provenance labels (see ``_labels``) and, at every such node, the labels
+  say which positions along each dim survive;
+* ``nn.MultiheadAttention`` leaves with fewer heads become
+  :class:`SlicedMultiheadAttention` (PyTorch's module ties the inner width to embed_dim).
+
+The input module is left untouched. Removing *every* head of an attention or every
+neuron of an FFN is refused with a :class:`SliceError` (the budget module's floors always
+keep at least one); so are unknown blocks, out-of-range and duplicate indices.
+
+The result is checked before it is returned: ``graph.lint()``, then a run on the example
+inputs in which every rewritten node must produce the predicted shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SliceError
+from ..structures import KeepMask, ParamSlice, StructureMap
+from ..tracing import example_inputs_of
+from ._labels import LabelInterpreter, Watch, _fetch_attr, find_linears, op_name
+from .discover import STRUCTURE_META, _find_cores
+
+log = logging.getLogger(__name__)
+
+SHAPE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand", "unflatten"}
+SPLIT_OPS = {"split", "split_with_sizes"}
+SLICE_OPS = {"slice", "narrow", "getitem"}
+
+
+class SlicedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` with an inner width ``num_heads * head_dim`` of its own.
+
+    Same call signature and return value (``(output, None)``: attention weights are not
+    computed); attribute names mirror PyTorch's so discovery reads it the same way.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, keep: Sequence[int]) -> None:
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise SliceError(
+                "slicing nn.MultiheadAttention supports a packed in-projection without bias_k/bias_v "
+                "or add_zero_attn; this module uses one of those"
+            )
+        E, H = mha.embed_dim, mha.num_heads
+        hd = E // H
+        keep_t = torch.as_tensor(sorted(keep), dtype=torch.long)
+        per_head = (keep_t.view(-1, 1) * hd + torch.arange(hd)).reshape(-1)
+        rows = torch.cat([per_head + i * E for i in range(3)])
+        self.embed_dim = E
+        self.num_heads = len(keep_t)
+        self.head_dim = hd
+        self.batch_first = mha.batch_first
+        self.dropout = mha.dropout
+        self._qkv_same_embed_dim = True
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        self.in_proj_weight = nn.Parameter(mha.in_proj_weight.detach()[rows].clone())
+        self.in_proj_bias = (
+            nn.Parameter(mha.in_proj_bias.detach()[rows].clone()) if mha.in_proj_bias is not None else None
+        )
+        inner = self.num_heads * hd
+        self.out_proj = nn.Linear(inner, E, bias=mha.out_proj.bias is not None)
+        with torch.no_grad():
+            self.out_proj.weight.copy_(mha.out_proj.weight[:, per_head])
+            if mha.out_proj.bias is not None:
+                self.out_proj.bias.copy_(mha.out_proj.bias)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if need_weights:
+            raise SliceError("a sliced MultiheadAttention does not return attention weights (need_weights=True)")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        B, N, _ = query.shape
+        M = key.shape[1]
+        inner = self.num_heads * self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.split(inner)
+        b_q, b_k, b_v = self.in_proj_bias.split(inner) if self.in_proj_bias is not None else (None,) * 3
+        q = F.linear(query, w_q, b_q).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k = F.linear(key, w_k, b_k).view(B, M, self.num_heads, self.head_dim).transpose(1, 2)
+        v = F.linear(value, w_v, b_v).view(B, M, self.num_heads, self.head_dim).transpose(1, 2)
+        mask = None
+        if key_padding_mask is not None:
+            mask = ~key_padding_mask.bool().view(B, 1, 1, M)
+        if attn_mask is not None:
+            am = attn_mask if attn_mask.dtype != torch.bool else ~attn_mask
+            mask = am if mask is None else mask & am
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        o = self.out_proj(o.transpose(1, 2).reshape(B, N, inner))
+        if not self.batch_first:
+            o = o.transpose(0, 1)
+        return o, None
+
+
+# ----------------------------------------------------------------------------- keep validation
+def normalize_keep(smap: StructureMap, keep: Optional[KeepMask]) -> Dict[int, Dict[str, List[int]]]:
+    """Validate a keep-mask and return it complete: every block, sorted kept indices."""
+    keep = dict(keep or {})
+    out: Dict[int, Dict[str, List[int]]] = {}
+    known = {b.index for b in smap.blocks}
+    for bi in keep:
+        if bi not in known:
+            raise SliceError(f"keep names block {bi!r}, which does not exist; blocks are {sorted(known)}")
+    for b in smap.blocks:
+        want = keep.get(b.index, {}) or {}
+        unknown = set(want) - {"heads", "neurons"}
+        if unknown:
+            raise SliceError(f"block {b.index}: unknown keys {sorted(unknown)} in keep; use 'heads' and 'neurons'")
+        entry: Dict[str, List[int]] = {}
+        for kind, group, size in (
+            ("heads", b.attention, b.attention.num_heads if b.attention else 0),
+            ("neurons", b.mlp, b.mlp.hidden_features if b.mlp else 0),
+        ):
+            if kind not in want:
+                if group is not None:
+                    entry[kind] = list(range(size))
+                continue
+            if group is None:
+                raise SliceError(f"block {b.index} has no {'attention' if kind == 'heads' else 'FFN'}, but keep names {kind}")
+            idx = [int(i) for i in want[kind]]
+            if kind == "neurons" and not group.prunable and len(idx) != size:
+                raise SliceError(f"block {b.index}: the FFN is not prunable ({group.reason}); keep all its neurons")
+            bad = [i for i in idx if not 0 <= i < size]
+            if bad:
+                raise SliceError(f"block {b.index}: {kind} indices {bad} out of range [0, {size})")
+            if len(set(idx)) != len(idx):
+                dup = sorted({i for i in idx if idx.count(i) > 1})
+                raise SliceError(f"block {b.index}: duplicate {kind} indices {dup}")
+            if not idx:
+                raise SliceError(
+                    f"block {b.index}: keep removes every {kind[:-1]}; elastic_fx keeps at least one per block "
+                    "(efx.budget_masks enforces this with its per-block floors)"
+                )
+            entry[kind] = sorted(idx)
+        out[b.index] = entry
+    return out
+
+
+def _slice_owners(smap: StructureMap, keep: Dict[int, Dict[str, List[int]]]) -> Dict[str, List[Tuple[ParamSlice, List[int]]]]:
+    """parameter name -> [(slice, kept structure indices)]."""
+    owners: Dict[str, List[Tuple[ParamSlice, List[int]]]] = {}
+    for b in smap.blocks:
+        for kind, g in (("heads", b.attention), ("neurons", b.mlp)):
+            if g is None or (kind == "neurons" and not g.prunable):
+                continue
+            for s in g.slices:
+                owners.setdefault(s.name, []).append((s, keep[b.index][kind]))
+    return owners
+
+
+# ----------------------------------------------------------------------------- the pass
+def slice_graph(gm: fx.GraphModule, smap: StructureMap, keep: Optional[KeepMask]) -> fx.GraphModule:
+    """Return a new GraphModule with only the kept heads and neurons (see module docstring)."""
+    if not isinstance(gm, fx.GraphModule):
+        raise SliceError(f"slice() takes a GraphModule from efx.trace(), got {type(gm).__name__}")
+    full = normalize_keep(smap, keep)
+    owners = _slice_owners(smap, full)
+    mha_nodes = {
+        n: n.target for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)
+    }
+    plan = _plan_rewrites(gm, smap, full, owners, set(mha_nodes))
+    new = copy.deepcopy(gm)
+    new.meta = {k: v for k, v in gm.meta.items() if k != STRUCTURE_META}
+    _slice_parameters(new, owners, skip_prefixes=tuple(f"{t}." for t in mha_nodes.values()))
+    _replace_mha(new, smap, full, mha_nodes)
+    _rewrite_nodes(new, plan)
+    new.graph.lint()
+    new.recompile()
+    _verify(new, plan)
+    return new
+
+
+def _kept_positions(entries: List[Tuple[ParamSlice, List[int]]], dim: int, size: int) -> torch.Tensor:
+    keep = torch.ones(size, dtype=torch.bool)
+    for s, kept in entries:
+        if s.dim == dim:
+            m = torch.zeros(size, dtype=torch.bool)
+            m[s.kept_positions(kept)] = True
+            keep &= m
+    return keep.nonzero().squeeze(1)
+
+
+def _slice_parameters(gm: fx.GraphModule, owners, skip_prefixes: Tuple[str, ...]) -> None:
+    linear_modules = {n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)}
+    for name, entries in owners.items():
+        if name.startswith(skip_prefixes):
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        old = getattr(owner, attr)
+        new = old.detach()
+        for dim in sorted({s.dim for s, _ in entries}):
+            new = new.index_select(dim, _kept_positions(entries, dim, new.shape[dim]))
+        new = new.contiguous().clone()
+        if isinstance(old, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            owner.register_buffer(attr, new, persistent=attr in getattr(owner, "_buffers", {}))
+        if owner_name in linear_modules and isinstance(owner, nn.Linear):
+            owner.out_features, owner.in_features = owner.weight.shape
+
+
+def _replace_mha(gm: fx.GraphModule, smap: StructureMap, keep, mha_nodes) -> None:
+    by_core = {b.attention.core: b.index for b in smap.blocks if b.attention is not None and b.attention.kind == "mha"}
+    for node, target in mha_nodes.items():
+        bi = by_core.get(target)
+        if bi is None:
+            continue
+        mha = gm.get_submodule(target)
+        heads = keep[bi]["heads"]
+        if len(heads) == mha.num_heads:
+            continue
+        parent, _, attr = target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, attr, SlicedMultiheadAttention(mha, heads))
+
+
+# ----------------------------------------------------------------------------- constants
+def _kept_dims(interp: LabelInterpreter, lut, chans: List[Any], value: Any) -> Any:
+    """Per dim, which positions survive (a position survives if any element there is kept)."""
+    if isinstance(value, (tuple, list)):
+        return [
+            _kept_dims(interp, lut, [c[i] for c in chans if isinstance(c, (tuple, list))], v)
+            for i, v in enumerate(value)
+        ]
+    if not isinstance(value, torch.Tensor):
+        return None
+    kept = torch.ones(value.shape, dtype=torch.bool)
+    for c in chans:
+        if isinstance(c, torch.Tensor) and c.shape == value.shape:
+            kept &= lut(c)
+    return [kept.movedim(d, 0).reshape(value.shape[d], -1).any(1) for d in range(value.dim())]
+
+
+def _plan_rewrites(gm, smap, keep, owners, mha_nodes) -> Dict[str, Any]:
+    """Run the ORIGINAL graph with labels; record surviving positions at every width-bearing node."""
+    linears = find_linears(gm)
+    cores = {c.node for c in _find_cores(gm)}
+    core_heads = {}
+    for b in smap.blocks:
+        if b.attention is not None and b.attention.kind != "mha":
+            core_heads[b.attention.core] = keep[b.index]["heads"]
+    interp_ref: List[LabelInterpreter] = []
+    cache: Dict[int, torch.Tensor] = {}
+
+    def source_lut(si: int) -> torch.Tensor:
+        if si in cache:
+            return cache[si]
+        src = interp_ref[0].sources[si]
+        lut = torch.ones(src.size, dtype=torch.bool)
+        if src.kind == "linear":
+            w = linears[src.key].weight
+            for s, kept in owners.get(w, []):
+                if s.dim == 0:
+                    m = torch.zeros(src.size, dtype=torch.bool)
+                    m[s.kept_positions(kept)] = True
+                    lut &= m
+        elif src.kind == "core" and src.key.name in core_heads:
+            heads = torch.as_tensor(core_heads[src.key.name], dtype=torch.long)
+            d = interp_ref[0].shapes[src.key][-1]
+            lut = torch.isin(torch.arange(src.size) // d, heads)
+        elif src.kind == "param":
+            shape = tuple(_fetch_attr(gm, src.key).shape)
+            for s, kept in owners.get(src.key, []):
+                coord = torch.arange(src.size).view(shape).movedim(s.dim, 0).contiguous()
+                m = torch.zeros(shape[s.dim], dtype=torch.bool)
+                m[s.kept_positions(kept)] = True
+                lut &= m[torch.arange(shape[s.dim]).view(-1, *([1] * (len(shape) - 1))).expand(coord.shape)].movedim(0, s.dim).reshape(-1)
+        cache[si] = lut
+        return lut
+
+    def lut(ids: torch.Tensor) -> torch.Tensor:
+        src, loc = interp_ref[0].decode(ids.reshape(-1).contiguous())
+        kept = torch.ones(src.shape, dtype=torch.bool)
+        for si in src.unique().tolist():
+            if si < 0:
+                continue
+            m = src == si
+            kept[m] = source_lut(si)[loc[m]]
+        return kept.view(ids.shape)
+
+    def summarise(node, value, chans):
+        return _kept_dims(interp_ref[0], lut, chans, value)
+
+    watch = Watch()
+    for n in gm.graph.nodes:
+        name = op_name(gm, n)
+        if name in SHAPE_ARG_OPS or name in SPLIT_OPS:
+            watch.add(n, "out", summarise)
+        if name in SLICE_OPS and n.args and isinstance(n.args[0], fx.Node):
+            watch.add(n.args[0], "in", summarise)
+            watch.add(n, "out", summarise)
+    interp = LabelInterpreter(gm, linears, cores, watch)
+    interp_ref.append(interp)
+    with torch.no_grad():
+        interp.run(*example_inputs_of(gm))
+    plan: Dict[str, Any] = {}
+    for (node, key), kept in interp.summaries.items():
+        plan.setdefault(node.name, {})[key] = kept
+        plan[node.name].setdefault("shape", interp.shapes.get(node))
+    return plan
+
+
+def _new_size(kept_dim: torch.Tensor) -> int:
+    return int(kept_dim.sum())
+
+
+def _rewrite_nodes(gm: fx.GraphModule, plan: Dict[str, Any]) -> None:
+    for n in list(gm.graph.nodes):
+        info = plan.get(n.name)
+        if info is None:
+            continue
+        name = op_name(gm, n)
+        try:
+            if name in SHAPE_ARG_OPS and "out" in info and info["out"] is not None:
+                _rewrite_shape_args(n, name, info)
+            elif name in SPLIT_OPS and info.get("out"):
+                _rewrite_split(n, info)
+            elif name in SLICE_OPS and info.get("in"):
+                _rewrite_slice(n, name, info)
+        except SliceError:
+            raise
+        except Exception as e:
+            raise SliceError(f"could not rewrite the width constants at {n.format_node()}: {e}") from e
+
+
+def _changed(info) -> Optional[List[int]]:
+    old = info["shape"]
+    new = [_new_size(k) for k in info["out"]]
+    return None if list(old) == new else new
+
+
+def _rewrite_shape_args(n: fx.Node, name: str, info) -> None:
+    new = _changed(info)
+    if new is None:
+        return
+    old = list(info["shape"])
+    if name == "unflatten":
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs["dim"]
+        sizes = list(n.args[2] if len(n.args) > 2 else n.kwargs["sizes"])
+        d0 = dim % len(old)
+        for i in range(len(sizes)):
+            if sizes[i] != -1 and old[d0 + i] != new[d0 + i]:
+                sizes[i] = new[d0 + i]
+        n.args = (n.args[0], dim, type(n.args[2])(sizes) if len(n.args) > 2 else sizes)
+        return
+    if len(n.args) == 2 and isinstance(n.args[1], fx.Node):
+        return  # reshape(t.shape): follows t, which is already sliced consistently
+    # shape given as varargs (Tensor.view(a, b, c)) or as one list/tuple argument
+    packed = len(n.args) == 2 and isinstance(n.args[1], (list, tuple))
+    shape = list(n.args[1] if packed else n.args[1:])
+    if len(shape) != len(old):
+        raise SliceError(f"shape arguments {shape} do not match the output rank {len(old)}")
+    for i, a in enumerate(shape):
+        if old[i] != new[i] and not (isinstance(a, int) and a == -1):
+            shape[i] = new[i]
+    n.args = (n.args[0], type(n.args[1])(shape)) if packed else (n.args[0], *shape)
+
+
+def _rewrite_split(n: fx.Node, info) -> None:
+    outs = info["out"]
+    old_sizes, new_sizes = [], []
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+    for kept, shape in zip(outs, info["shape"]):
+        if kept is None:
+            return
+        old_sizes.append(shape[dim])
+        new_sizes.append(_new_size(kept[dim]))
+    if old_sizes == new_sizes:
+        return
+    if isinstance(n.args[1], int) and len(set(new_sizes[:-1])) <= 1 and new_sizes[-1] <= new_sizes[0]:
+        arg: Any = new_sizes[0]
+    else:
+        arg = new_sizes
+    n.args = (n.args[0], arg, *n.args[2:])
+
+
+def _rewrite_slice(n: fx.Node, name: str, info) -> None:
+    kept_in = info["in"]
+    if not isinstance(kept_in, list) or kept_in and not isinstance(kept_in[0], torch.Tensor):
+        return
+
+    def remap(dim: int, start: Optional[int], stop: Optional[int]) -> Tuple[Optional[int], Optional[int]]:
+        k = kept_in[dim]
+        size = k.numel()
+        cum = torch.cat([torch.zeros(1, dtype=torch.long), k.long().cumsum(0)])
+        def conv(x):
+            if x is None:
+                return None
+            x = max(0, min(size, x + size if x < 0 else x))
+            return int(cum[x])
+        return conv(start), conv(stop)
+
+    if name == "getitem":
+        idx = n.args[1]
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if not any(isinstance(i, slice) for i in items):
+            return
+        rank = len(kept_in)
+        out, dim = [], 0
+        ell = [i for i, it in enumerate(items) if it is Ellipsis]
+        for i, it in enumerate(items):
+            if it is Ellipsis:
+                dim += rank - (len(items) - 1 - sum(1 for x in items if x is None))
+                out.append(it)
+                continue
+            if it is None:
+                out.append(it)
+                continue
+            if isinstance(it, slice) and (it.step in (None, 1)) and not bool(kept_in[dim].all()):
+                s, e = remap(dim, it.start, it.stop)
+                out.append(slice(s, e, it.step))
+            else:
+                out.append(it)
+            dim += 1
+        n.args = (n.args[0], tuple(out) if isinstance(idx, tuple) else out[0])
+        return
+    if name == "slice":  # aten.slice.Tensor(x, dim, start, end, step)
+        args = list(n.args) + [None] * (5 - len(n.args))
+        dim = args[1] or 0
+        if bool(kept_in[dim].all()):
+            return
+        s, e = remap(dim, args[2], args[3] if args[3] is None or args[3] < (1 << 62) else None)
+        n.args = (args[0], dim, s, e, *(a for a in args[4:5] if a is not None))
+        return
+    if name == "narrow":
+        x, dim, start, length = n.args
+        if bool(kept_in[dim].all()):
+            return
+        s, e = remap(dim, start, start + length)
+        n.args = (x, dim, s, e - s)
+
+
+def _verify(gm: fx.GraphModule, plan: Dict[str, Any]) -> None:
+    """Run the sliced graph; every rewritten node must produce its predicted shape."""
+
+    class Check(fx.Interpreter):
+        def run_node(self, n):
+            try:
+                out = super().run_node(n)
+            except Exception as e:
+                raise SliceError(f"the sliced graph fails at {n.format_node()}: {e}") from e
+            info = plan.get(n.name)
+            if info and "out" in info and isinstance(out, torch.Tensor) and isinstance(info["out"], list):
+                want = [_new_size(k) for k in info["out"]]
+                if list(out.shape) != want:
+                    raise SliceError(
+                        f"the sliced graph computes shape {tuple(out.shape)} at {n.format_node()}, expected {tuple(want)}"
+                    )
+            return out
+
+    with torch.no_grad():
+        Check(gm).run(*example_inputs_of(gm))
+
+
+def zero_structures(module: nn.Module, smap: StructureMap, keep: Optional[KeepMask]) -> nn.Module:
+    """In place: zero the out-projection columns of every removed head / neuron.
+
+    The dense model with these zeros computes exactly what the sliced model computes;
+    it is the reference of the slicing invariant (and of weight correction).
+    """
+    full = normalize_keep(smap, keep)
+    with torch.no_grad():
+        for b in smap.blocks:
+            for kind, g in (("heads", b.attention), ("neurons", b.mlp)):
+                if g is None or (kind == "neurons" and not g.prunable):
+                    continue
+                removed = sorted(set(range(g.size)) - set(full[b.index][kind]))
+                if not removed:
+                    continue
+                out_w = next(s for s in g.slices if s.name == f"{g.out_proj}.weight")
+                cols = out_w.index[torch.as_tensor(removed)].reshape(-1)
+                _fetch_attr(module, out_w.name)[:, cols] = 0
+    return module
