@@ -13,7 +13,7 @@ The paper's two protocols (Appendix B.6), on frozen features:
 Data: :func:`load_labelled` reads an ``.npz`` (``x_train, y_train, x_test, y_test``,
 optional ``label_names``) or ``class_name/image.jpg`` folders; :func:`to_model_input`
 turns uint8 HWC images into a normalised float NCHW batch; :func:`extract_features`
-runs a model over it in batches.
+runs a model over it in batches; :func:`evaluate_features` chains them in one call.
 """
 
 from __future__ import annotations
@@ -191,7 +191,10 @@ def knn_top1(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: 
     weights='uniform')``; Euclidean distance on unit vectors ranks like cosine similarity.
     ``k`` larger than the training set is clamped to its size (logged).
     """
-    from sklearn.neighbors import KNeighborsClassifier
+    try:
+        from sklearn.neighbors import KNeighborsClassifier
+    except ImportError as e:
+        raise ElasticFxError("knn_top1 needs scikit-learn (the paper's k-NN); pip install scikit-learn.") from e
 
     if not isinstance(k, int) or k < 1:
         raise DataError(f"k={k!r}; expected a positive int (the paper uses 20).")
@@ -311,6 +314,44 @@ def linear_probe(
         logger.info("linear probe: best validation accuracy %.4f at epoch %d of %d", best_acc, best_epoch + 1,
                     cfg.epochs)
     return _accuracy(head, xte, yte)
+
+
+# ----------------------------------------------------------------------------- one call
+
+
+def evaluate_features(
+    model: Union[torch.nn.Module, Callable[[torch.Tensor], Any], None],
+    data: "LabelledData",
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    image_size: Optional[int] = None,
+    batch_size: int = 64,
+    device: Union[str, torch.device] = "cpu",
+    k: int = 20,
+    linear: Optional[LinearProbeConfig] = None,
+) -> dict:
+    """k-NN (and, with ``linear``, linear-probe) top-1 of ``model``'s features on ``data``.
+
+    Images (uint8 ``[N, H, W, C]``) are normalised with ``mean``/``std`` (resized to
+    ``image_size`` if given) and embedded by ``model``; ``data`` holding features already
+    (float ``[N, D]``) is used as is, and ``model`` may then be None.
+    Returns ``{"knn_top1": ..., "linear_top1": ...}`` (the latter only with ``linear``).
+    """
+
+    def features(x: np.ndarray) -> torch.Tensor:
+        if x.ndim == 2:
+            return torch.as_tensor(x).float()
+        if model is None:
+            raise DataError(f"data holds images of shape {x.shape[1:]} but model is None; "
+                            "pass the model to embed them.")
+        return extract_features(model, to_model_input(x, mean, std, image_size), batch_size=batch_size, device=device)
+
+    f_train, f_test = features(data.x_train), features(data.x_test)
+    result = {"knn_top1": knn_top1(f_train, data.y_train, f_test, data.y_test, k=k)}
+    if linear is not None:
+        result["linear_top1"] = linear_probe(f_train, data.y_train, f_test, data.y_test, linear)
+    return result
 
 
 # ----------------------------------------------------------------------------- data

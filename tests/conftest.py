@@ -15,3 +15,23 @@ except Exception:  # pragma: no cover - torch is a hard dependency
 
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def traced():
+    """traced(name) -> (model, inputs, gm, smap) for a zoo entry, built and traced once per session."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            import elastic_fx as efx
+            from zoo import build
+
+            model, inputs = build(name)
+            gm = efx.trace(model, inputs)
+            cache[name] = (model, inputs, gm, efx.discover(gm))
+        return cache[name]
+
+    return get

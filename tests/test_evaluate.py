@@ -12,6 +12,7 @@ from elastic_fx.errors import DataError, ElasticFxError
 from elastic_fx.evaluate import (
     LabelledData,
     LinearProbeConfig,
+    evaluate_features,
     extract_features,
     knn_top1,
     linear_probe,
@@ -80,7 +81,9 @@ def test_knn_rejects_bad_input():
         knn_top1(xtr, ytr[:-1], xte, yte)
     with pytest.raises(DataError, match="positive int"):
         knn_top1(xtr, ytr, xte, yte, k=0)
-    assert knn_top1(xtr, ytr, xte, yte, k=500) >= 0.0  # k clamped to the 50 training samples
+    # k clamped to all 50 training samples: every test point gets the overall majority label
+    majority = int(torch.bincount(ytr).argmax())
+    assert knn_top1(xtr, ytr, xte, yte, k=500) == pytest.approx(float((yte == majority).float().mean()))
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -185,6 +188,24 @@ def test_to_model_input_normalises_uint8_hwc():
     assert to_model_input(img, size=8).shape == (2, 3, 8, 8)
 
 
+def test_evaluate_features_chains_extraction_and_both_protocols():
+    # images whose mean colour encodes the class; the "model" pools colours -> separable features
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (4, 3))
+    y = np.arange(200) % 4
+    imgs = np.clip(colours[y][:, None, None, :] + rng.integers(-8, 9, (200, 6, 6, 3)), 0, 255).astype(np.uint8)
+    data = LabelledData(imgs[:150], y[:150], imgs[150:], y[150:], ["a", "b", "c", "d"])
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    result = evaluate_features(pool, data, mean=(0.5,) * 3, std=(0.5,) * 3, k=5,
+                               linear=LinearProbeConfig(epochs=10, lr=0.5))
+    assert result["knn_top1"] == 1.0
+    assert result["linear_top1"] >= 0.9  # chance is 0.25
+    feats = LabelledData(rng.normal(size=(40, 3)), y[:40], rng.normal(size=(20, 3)), y[:20])
+    assert set(evaluate_features(None, feats, k=3)) == {"knn_top1"}
+    with pytest.raises(DataError, match="model is None"):
+        evaluate_features(None, data)
+
+
 # ----------------------------------------------------------------------------- data loading
 
 
@@ -249,11 +270,12 @@ def test_knn_on_real_cifar_vit_is_well_above_chance():
     model.load_state_dict(ckpt["state_dict"])
     model.reset_classifier(0)  # features without the head
     data = load_labelled(CIFAR_NPZ)
-    tr = np.linspace(0, len(data.y_train) - 1, 1000).astype(int)
-    te = np.linspace(0, len(data.y_test) - 1, 300).astype(int)
+    # a spread-out subsample keeps this a few seconds; measured 0.48-0.60 (full split: 0.568)
+    tr = np.linspace(0, len(data.y_train) - 1, 500).astype(int)
+    te = np.linspace(0, len(data.y_test) - 1, 200).astype(int)
     mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
     f_train = extract_features(model, to_model_input(data.x_train[tr], mean, std), batch_size=250)
-    f_test = extract_features(model, to_model_input(data.x_test[te], mean, std), batch_size=300)
-    assert f_train.shape == (1000, ckpt["config"]["embed_dim"])
+    f_test = extract_features(model, to_model_input(data.x_test[te], mean, std), batch_size=200)
+    assert f_train.shape == (500, ckpt["config"]["embed_dim"])
     acc = knn_top1(f_train, data.y_train[tr], f_test, data.y_test[te], k=20)
     assert acc > 0.35, f"k-NN {acc:.3f} on the real ViT; full-split reference is 0.568, chance 0.1"

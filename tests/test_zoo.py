@@ -166,6 +166,15 @@ def _assert_same(got, ref) -> None:
 # ---------------------------------------------------------------------------- tests
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread beats two threads contending for two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", params())
 def test_entry_builds_runs_and_matches_ground_truth(name: str) -> None:
     entry = ZOO[name]
@@ -212,7 +221,7 @@ def test_every_attention_and_ffn_changes_the_output(name: str) -> None:
             with torch.no_grad():
                 lin.weight.copy_(saved)
         change = max((a - b).abs().max() for a, b in zip(got, ref))
-        assert change > 1e-2 * scale, f"{label}: zeroing its output projection changed the output by {change}"
+        assert change > 0.05 * scale, f"{label}: zeroing its output projection changed the output by {change}"
 
 
 @pytest.mark.parametrize("name", params())

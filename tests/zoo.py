@@ -753,13 +753,14 @@ _NOTES = {
     "bias in the Linear: separate q_bias/v_bias parameters (k_bias is a zero buffer) concatenated and "
     "applied with F.linear(x, qkv.weight, bias) -- the qkv Linear module is never called. scale_mlp=False "
     "-> GluMlp: ONE packed fc1 (out 2*hidden) chunked in two, silu(first half) * second half "
-    "(gate first); fc2 in = hidden. Prunable.",
+    "(gate first); fc2 in = hidden. Prunable. Head-merge reshape(B, N, C) uses the INPUT width C.",
     "timm_eva02_scale_mlp": "EVA-02 (base style): qkv_fused=False -> separate q_proj/k_proj(no bias)/v_proj; "
     "RoPE; scale_mlp=True -> SwiGLU with two separate fc1_g/fc1_x and a LayerNorm over the hidden width "
     "before fc2: FFN NOT prunable (heads still are).",
     "timm_beit": "BEiT: per-block relative position bias table [num_rel_dist, H] (a per-head parameter "
     "added as the SDPA attn_mask), q_bias/v_bias like EVA (F.linear on qkv.weight), layer scale "
-    "gamma_1/gamma_2, no abs pos embed, qkv reshape uses -1 for head_dim.",
+    "gamma_1/gamma_2, no abs pos embed; qkv reshape(B,N,3,H,-1) infers head_dim, head-merge "
+    "reshape(B, N, C) uses the INPUT width C.",
     "hf_vit": "HF ViTModel (v5): separate q_proj/k_proj/v_proj/o_proj, view(B,N,-1,head_dim) (heads "
     "inferred), SDPA; returns BaseModelOutputWithPooling (pooler: dense+tanh). fx.symbolic_trace fails "
     "(TypeError: 'Proxy' object does not support item assignment); torch.export(strict=False) works.",

@@ -40,7 +40,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
 import shutil
 import statistics
@@ -217,14 +216,18 @@ def _prepare_target(path: os.PathLike | str) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ExportError(f"Cannot create the output directory {target.parent} ({e}); choose a writable location.") from e
+        raise ExportError(
+            f"Cannot create the output directory {target.parent} ({e}); choose a writable location.") from e
     if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise ExportError(f"Output directory {target.parent} is not writable; choose another path or fix its permissions.")
+        raise ExportError(
+            f"Output directory {target.parent} is not writable; choose another path or fix its permissions.")
     return target
 
 
 def _providers() -> List[Any]:
-    available = __import__("onnxruntime").get_available_providers()
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
     providers: List[Any] = []
     if "CUDAExecutionProvider" in available:
         # TF32 would break fp32 tolerances; the check wants IEEE fp32.
@@ -244,6 +247,7 @@ def _session(path: Path, threads: Optional[int] = None, providers: Optional[List
 
 
 def _file_bytes(path: Path) -> int:
+    """Size of an .onnx file plus its ``.data`` side file, if any."""
     extra = path.with_name(path.name + ".data")
     return path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
 
@@ -280,11 +284,17 @@ def _quiet(names: Sequence[str]) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _write_final(raw: Path, final: Path, metadata: Mapping[str, str]) -> int:
-    """Load the raw export, attach metadata, save it as ``final``; returns the real opset."""
+def _write_final(raw: Path, final: Path, metadata: Dict[str, str]) -> int:
+    """Load the raw export, attach metadata, save it as ``final``; returns the real opset.
+
+    ``metadata["opset"]`` is set to the opset the file actually has (an exporter may
+    raise a requested opset that it cannot target).
+    """
     import onnx
 
     model = onnx.load(str(raw))  # pulls in external data, if the exporter wrote any
+    real_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
+    metadata["opset"] = str(real_opset)
     del model.metadata_props[:]
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -293,7 +303,7 @@ def _write_final(raw: Path, final: Path, metadata: Mapping[str, str]) -> int:
     big = weight_bytes > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(model, str(final), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=final.name + ".data", size_threshold=1024)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
+    return real_opset
 
 
 def _validate(final: Path, refs: Sequence[Tuple[int, np.ndarray, List[Tuple[str, torch.Tensor]]]],
@@ -336,10 +346,10 @@ def _validate(final: Path, refs: Sequence[Tuple[int, np.ndarray, List[Tuple[str,
             tol = atol + rtol * scale
             if not diff <= tol:  # also catches NaN
                 raise ExportError(
-                    f"ONNX output '{name}' differs from PyTorch by {diff:.3g} at batch size {batch}, above the tolerance "
-                    f"{tol:.3g} (= atol {atol:g} + rtol {rtol:g} * max|ref| {scale:.3g}). Check for ops that export "
-                    "differently, or pass larger atol/rtol if the difference is expected (e.g. fp16).")
-            if math.isnan(worst) or diff > worst:
+                    f"ONNX output '{name}' differs from PyTorch by {diff:.3g} at batch size {batch}, above the "
+                    f"tolerance {tol:.3g} (= atol {atol:g} + rtol {rtol:g} * max|ref| {scale:.3g}). Check for ops "
+                    "that export differently, or pass larger atol/rtol if the difference is expected (e.g. fp16).")
+            if diff >= worst:
                 worst, worst_tol = diff, tol
     return worst, worst_tol, provider
 
@@ -376,8 +386,8 @@ def _check_args(module: Any, example_input: Any, opset: int, check_batch_sizes: 
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"export_onnx expects a torch.nn.Module (e.g. a GraphModule), got {type(module).__name__}.")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1:
-        raise ExportError("example_input must be a tensor with a leading batch dimension, e.g. torch.randn(1, 3, 224, 224); "
-                          f"got {type(example_input).__name__}.")
+        raise ExportError("example_input must be a tensor with a leading batch dimension, e.g. "
+                          f"torch.randn(1, 3, 224, 224); got {type(example_input).__name__}.")
     newest = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or not 13 <= opset <= newest:
         raise ExportError(f"opset={opset!r} is not supported; use an int in [13, {newest}] (default 18).")
@@ -436,36 +446,27 @@ def export_onnx(
             not match PyTorch. No file (and no temporary file) is left behind.
     """
     _check_args(module, example_input, opset, check_batch_sizes, atol, rtol, exporter)
-    dtype = "float16" if fp16 else "float32"
-    atol = DEFAULT_TOLERANCE[dtype][0] if atol is None else float(atol)
-    rtol = DEFAULT_TOLERANCE[dtype][1] if rtol is None else float(rtol)
+    default_atol, default_rtol = DEFAULT_TOLERANCE["float16" if fp16 else "float32"]
+    atol = default_atol if atol is None else float(atol)
+    rtol = default_rtol if rtol is None else float(rtol)
     target = _prepare_target(path)
     order = EXPORTERS if exporter == "auto" else (exporter,)
     batches = tuple(check_batch_sizes) if dynamic_batch else (int(example_input.shape[0]),)
 
     was_training = _set_eval(module)
-    device = _module_device(module)
     try:
-        refs = _references(module, example_input, batches, fp16, output_index, device)
-        names = _output_names([n for n, _ in refs[0][2]])
-        export_module = _FlatOutputs(copy.deepcopy(module).half() if fp16 else module, output_index)
-        x = example_input.to(device)
-        if dynamic_batch and x.shape[0] == 1:
-            x = x.repeat(2, *([1] * (x.dim() - 1)))  # torch.export specialises a batch of 1
-        if fp16 and x.is_floating_point():
-            x = x.half()
-        big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_THRESHOLD
+        job = _prepare_job(module, example_input, target, opset, dynamic_batch, fp16, atol, rtol, batches,
+                           metadata, output_index)
         attempts: List[str] = []
         for name in order:
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
             try:
-                report = _export_once(export_module, module, x, tmp, target, name, opset, names, dynamic_batch, big,
-                                      refs, fp16, atol, rtol, metadata, dtype, tuple(attempts))
-                logger.info("exported %s with %s exporter (max |diff| %.3g <= %.3g, %s)", target, name,
+                report = _export_once(job, name, tmp, tuple(attempts))
+                logger.info("exported %s with the %s exporter (max |diff| %.3g <= %.3g, %s)", target, name,
                             report.max_abs_diff, report.tolerance, report.provider)
                 return report
             except Exception as e:  # try the next exporter; report every failure at the end
-                logger.warning("%s exporter failed: %s", name, e)
+                logger.warning("%s exporter failed: %s", name, _short(e))
                 attempts.append(f"{name}: {type(e).__name__}: {_short(e)}")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -478,28 +479,68 @@ def export_onnx(
         _restore_mode(module, was_training)
 
 
-def _export_once(export_module: torch.nn.Module, module: torch.nn.Module, x: torch.Tensor, tmp: Path, target: Path,
-                 exporter: str, opset: int, names: Sequence[str], dynamic_batch: bool, big: bool, refs, fp16: bool,
-                 atol: float, rtol: float, user_meta: Optional[Mapping[str, object]], dtype: str,
-                 attempts: Tuple[str, ...]) -> ExportReport:
-    """Export with one exporter into ``tmp``, validate, and move the result onto ``target``."""
+@dataclass
+class _ExportJob:
+    """Everything one export attempt needs, computed once for all attempts."""
+
+    module: torch.nn.Module  # the caller's module (parameter count, metadata)
+    export_module: torch.nn.Module  # flattened outputs, fp16 copy when asked
+    trace_input: torch.Tensor
+    target: Path
+    opset: int
+    dynamic_batch: bool
+    fp16: bool
+    atol: float
+    rtol: float
+    refs: List[Tuple[int, np.ndarray, List[Tuple[str, torch.Tensor]]]]
+    names: List[str]
+    user_meta: Optional[Mapping[str, object]]
+    big: bool
+
+    @property
+    def dtype(self) -> str:
+        return "float16" if self.fp16 else "float32"
+
+
+def _prepare_job(module: torch.nn.Module, example_input: torch.Tensor, target: Path, opset: int,
+                 dynamic_batch: bool, fp16: bool, atol: float, rtol: float, batches: Sequence[int],
+                 metadata: Optional[Mapping[str, object]], output_index: Optional[int]) -> _ExportJob:
+    """References on fresh inputs, the module to export and its tracing input."""
+    device = _module_device(module)
+    refs = _references(module, example_input, batches, fp16, output_index, device)
+    x = example_input.to(device)
+    if dynamic_batch and x.shape[0] == 1:
+        x = x.repeat(2, *([1] * (x.dim() - 1)))  # torch.export specialises a batch of 1
+    if fp16 and x.is_floating_point():
+        x = x.half()
+    export_module = _FlatOutputs(copy.deepcopy(module).half() if fp16 else module, output_index)
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_THRESHOLD
+    return _ExportJob(module, export_module, x, target, opset, dynamic_batch, fp16, atol, rtol, refs,
+                      _output_names([n for n, _ in refs[0][2]]), metadata, big)
+
+
+def _export_once(job: _ExportJob, exporter: str, tmp: Path, attempts: Tuple[str, ...]) -> ExportReport:
+    """Export with one exporter into ``tmp``, validate, and move the result onto ``job.target``."""
     raw_dir, final_dir = tmp / "raw", tmp / "final"
     raw_dir.mkdir()
     final_dir.mkdir()
-    _torch_export(export_module, x, raw_dir / target.name, exporter, opset, names, dynamic_batch, big)
-    shape = ["batch" if dynamic_batch else int(x.shape[0]), *map(int, x.shape[1:])]
-    meta = _build_metadata(user_meta, module, exporter, opset, dtype, shape)
+    target, x = job.target, job.trace_input
+    _torch_export(job.export_module, x, raw_dir / target.name, exporter, job.opset, job.names, job.dynamic_batch,
+                  job.big)
+    shape = ["batch" if job.dynamic_batch else int(x.shape[0]), *map(int, x.shape[1:])]
+    meta = _build_metadata(job.user_meta, job.module, exporter, job.opset, job.dtype, shape)
     final = final_dir / target.name
     real_opset = _write_final(raw_dir / target.name, final, meta)
-    max_diff, tol, provider = _validate(final, refs, fp16, atol, rtol)
+    max_diff, tol, provider = _validate(final, job.refs, job.fp16, job.atol, job.rtol)
+    size = _file_bytes(final)  # measured here: a stale side file at the target must not count
     data = final.with_name(final.name + ".data")
     if data.exists():  # side file first, so a visible .onnx always has its weights
         os.replace(data, target.with_name(target.name + ".data"))
     os.replace(final, target)
-    return ExportReport(path=str(target), max_abs_diff=max_diff, tolerance=tol, opset=real_opset, dtype=dtype,
-                        batch_sizes_checked=tuple(b for b, _, _ in refs), metadata=meta,
-                        file_bytes=_file_bytes(target), exporter=exporter, provider=provider,
-                        output_names=tuple(names), atol=atol, rtol=rtol, attempts=attempts)
+    return ExportReport(path=str(target), max_abs_diff=max_diff, tolerance=tol, opset=real_opset, dtype=job.dtype,
+                        batch_sizes_checked=tuple(b for b, _, _ in job.refs), metadata=meta,
+                        file_bytes=size, exporter=exporter, provider=provider,
+                        output_names=tuple(job.names), atol=job.atol, rtol=job.rtol, attempts=attempts)
 
 
 def _output_names(raw: Sequence[str]) -> List[str]:
@@ -537,10 +578,14 @@ def onnx_latency(path: os.PathLike | str, batch_size: int, *, warmup: int = 3, i
     ``batch_size``). ``threads`` sets ``intra_op_num_threads`` (None: onnxruntime's default).
     """
     if batch_size < 1 or iters < 1 or warmup < 0:
-        raise ExportError(f"onnx_latency needs batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}.")
+        raise ExportError(f"onnx_latency needs batch_size >= 1, iters >= 1, warmup >= 0; "
+                          f"got {batch_size}, {iters}, {warmup}.")
     if not Path(path).is_file():
         raise ExportError(f"No ONNX file at {path}; export one with export_onnx first.")
-    session = _session(Path(path), threads=threads)
+    try:
+        session = _session(Path(path), threads=threads)
+    except Exception as e:
+        raise ExportError(f"onnxruntime cannot load {path} ({_short(e)}); re-export it with export_onnx.") from e
     spec = session.get_inputs()[0]
     dims = list(spec.shape)
     if dims and not isinstance(dims[0], int):

@@ -80,6 +80,7 @@ from ..structures import ParamSlice
 
 __all__ = [
     "SqgradJob",
+    "SqgradPlan",
     "accumulate_slices",
     "ghost_sqnorm",
     "ghost_sqnorm_ref",
@@ -399,29 +400,29 @@ def _check_index_values(index: torch.Tensor, size: int, dim: int, shape: Tuple[i
 
 
 def _use_triton(device: torch.device, backend: str) -> bool:
-    """Resolve ``backend`` for tensors on ``device``."""
+    """Resolve ``backend`` for tensors on ``device`` (see the module docstring)."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; wanted one of {BACKENDS}")
+        raise ValueError(f"sqgrad: backend={backend!r}; wanted one of {BACKENDS}")
     if backend == "torch":
         return False
-    if backend == "auto":
-        forced = os.environ.get(FORCE_TRITON_ENV, "0").strip() == "1"
-        if device.type == "cuda":
-            return not _INTERPRETED  # the interpreter cannot address device memory here
-        return forced and device.type == "cpu" and _INTERPRETED
-    if device.type == "cuda" and _INTERPRETED:
+    if backend == "auto" and device.type != "cuda" and os.environ.get(FORCE_TRITON_ENV, "0").strip() != "1":
+        return False
+    if device.type == "cuda":
+        if not _INTERPRETED:
+            return True
+        if backend == "auto":
+            return False  # the interpreted kernels address memory by raw host offsets
         raise ValueError(
-            "backend='triton' with CUDA tensors while TRITON_INTERPRET=1: the interpreter path of "
-            "these kernels works on CPU tensors only; unset TRITON_INTERPRET or use backend='torch'"
+            "sqgrad: backend='triton' got CUDA tensors while TRITON_INTERPRET=1; the interpreted kernels "
+            "work on CPU tensors only: unset TRITON_INTERPRET or use backend='torch'"
         )
-    if device.type == "cpu" and not _INTERPRETED:
-        raise ValueError(
-            "backend='triton' with CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before importing elastic_fx, move the tensors to a GPU, or use backend='torch'"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"backend='triton' supports CUDA (or interpreted CPU) tensors, got {device}")
-    return True
+    if device.type == "cpu" and _INTERPRETED:
+        return True
+    raise ValueError(
+        f"sqgrad: the Triton backend got {device.type} tensors but Triton is not in interpreter mode; "
+        "set TRITON_INTERPRET=1 before importing elastic_fx, move the tensors to a CUDA device, "
+        "or use backend='torch'"
+    )
 
 
 # ============================================================================ reference
@@ -477,79 +478,98 @@ class _Launch:
 
 
 class _Plan:
-    """Programs, buffer layout and index buffer for one set of jobs (shapes + index tensors)."""
+    """Programs, buffer layout and index buffer for one set of jobs (shapes + index tensors).
+
+    The fp32 work buffer holds, per job, its partial sums ``[parts, D]`` (phase 1), then,
+    for jobs with more than one part, their per-position sums ``[D]`` (phase 2). Phase 3
+    reads each job's per-position sums at ``pos_base`` (= its partials when ``parts == 1``).
+    """
 
     def __init__(self, layouts: List[_Layout], dtypes: List[torch.dtype], has_fisher: List[bool],
                  indices: List[torch.Tensor], targets: List[int], target_sizes: List[int],
                  target_strides: List[int], device: torch.device, steps_per_program: Optional[int]):
         self.index_refs: List[weakref.ref] = []  # set by _get_plan: the caller's index tensors
+        self.device = device
+        part_base, parts, cursor = self._build_phase1(layouts, dtypes, has_fisher, steps_per_program)
+        pos_base, cursor = self._build_reduce(layouts, part_base, parts, cursor)
+        self.buffer_size = max(cursor, 1)
+        self._build_gather(indices, targets, target_sizes, target_strides, parts, pos_base)
+
+    def _build_phase1(self, layouts: List[_Layout], dtypes: List[torch.dtype], has_fisher: List[bool],
+                      steps_per_program: Optional[int]) -> Tuple[List[int], List[int], int]:
+        """One launch per (dtype, fisher) pair; returns each job's partial base and part count."""
         n = len(layouts)
-        # -------- phase 1: programs per launch, partial buffer layout
         groups: Dict[Tuple[torch.dtype, bool], List[int]] = {}
         for j in range(n):
             if layouts[j].R * layouts[j].C > 0:
                 groups.setdefault((dtypes[j], has_fisher[j]), []).append(j)
-        part_base = [0] * n
-        parts = [0] * n
-        cursor = 0
+        part_base, parts, cursor = [0] * n, [0] * n, 0
         self.launches: List[_Launch] = []
         for (dtype, fish), jobs in groups.items():
             br, bc = _tile(dtype)
             tiles = sum(math.ceil(layouts[j].R / br) * math.ceil(layouts[j].C / bc) for j in jobs)
-            steps = steps_per_program or max(1, math.ceil(tiles / (_WAVES * _num_sms(device))))
+            steps = steps_per_program or max(1, math.ceil(tiles / (_WAVES * _num_sms(self.device))))
             records = []
             for j in jobs:
-                part_base[j] = cursor
-                recs, n_chunks = self._phase1_records(j, layouts[j], br, bc, steps, cursor)
-                records.append(recs)
                 lay = layouts[j]
+                recs, n_chunks = self._phase1_records(j, lay, br, bc, steps, cursor)
+                records.append(recs)
+                part_base[j] = cursor
                 parts[j] = n_chunks * (lay.outer if lay.row_mode else 1)
                 cursor += parts[j] * lay.D
+            table = np.concatenate(records)
+            # longest programs first: a shorter tail; each program writes its own partial row,
+            # so the order changes no result
+            table = table[np.argsort(-table[:, 3], kind="stable")]
             esize = torch.empty((), dtype=dtype).element_size()
             self.launches.append(_Launch(
-                dtype, fish, jobs, torch.from_numpy(np.concatenate(records)).to(device), br, bc,
+                dtype, fish, jobs, torch.from_numpy(table).to(self.device), br, bc,
                 all(layouts[j].C * esize % 16 == 0 for j in jobs),
             ))
-        # -------- phase 2: reduce partial rows where a job has more than one
+        return part_base, parts, cursor
+
+    def _build_reduce(self, layouts: List[_Layout], part_base: List[int], parts: List[int],
+                      cursor: int) -> Tuple[List[int], int]:
+        """Programs summing the partial rows of jobs with more than one; returns pos_base per job."""
         pos_base = list(part_base)
-        red = []
-        bp, bd = _REDUCE_TILE
-        for j in range(n):
+        records = []
+        block_d = _REDUCE_TILE[1]
+        for j, lay in enumerate(layouts):
             if parts[j] > 1:
                 pos_base[j] = cursor
-                for d0 in range(0, layouts[j].D, bd):
-                    red.append((part_base[j], parts[j], layouts[j].D, cursor, d0))
-                cursor += layouts[j].D
-        self.reduce_programs = torch.tensor(red, dtype=torch.int64, device=device).reshape(-1, _P2_FIELDS)
-        self.buffer_size = max(cursor, 1)
-        # -------- phase 3: gather into every target, jobs in a fixed order
-        gjobs, tgts, progs, flat_idx = [], [], [], []
+                records.extend((part_base[j], parts[j], lay.D, cursor, d0) for d0 in range(0, lay.D, block_d))
+                cursor += lay.D
+        self.reduce_programs = torch.tensor(records, dtype=torch.int64, device=self.device).reshape(-1, _P2_FIELDS)
+        return pos_base, cursor
+
+    def _build_gather(self, indices: List[torch.Tensor], targets: List[int], target_sizes: List[int],
+                      target_strides: List[int], parts: List[int], pos_base: List[int]) -> None:
+        """Per target, the jobs feeding it (in job order) and programs over blocks of structures."""
+        by_target: Dict[int, List[int]] = {}
+        for j, t in enumerate(targets):
+            if parts[j] and indices[j].shape[1] and target_sizes[t]:
+                by_target.setdefault(t, []).append(j)
+        gjobs, tgts, flat_idx = [], [], []
         idx_cursor, max_k, max_s = 0, 1, 1
         for t, (size, stride) in enumerate(zip(target_sizes, target_strides)):
             begin = len(gjobs)
-            for j in range(n):
+            for j in by_target.get(t, []):
                 K = int(indices[j].shape[1])
-                if targets[j] != t or parts[j] == 0 or K == 0 or size == 0:
-                    continue
                 gjobs.append((pos_base[j], K, idx_cursor))
                 flat_idx.append(indices[j].reshape(-1))
                 idx_cursor += size * K
-                max_k = max(max_k, K)
+                max_k, max_s = max(max_k, K), max(max_s, size)
             tgts.append((size, begin, len(gjobs), stride))
-            if len(gjobs) > begin:
-                max_s = max(max_s, size)
         self.block_k = min(128, triton.next_power_of_2(max_k))
         self.block_s = max(1, min(triton.next_power_of_2(max_s), _GATHER_TILE // self.block_k))
-        for t, (size, begin, end, _) in enumerate(tgts):
-            if end > begin:
-                progs.extend((t, s0) for s0 in range(0, size, self.block_s))
+        progs = [(t, s0) for t in by_target for s0 in range(0, target_sizes[t], self.block_s)]
         idx = torch.cat(flat_idx) if flat_idx else torch.zeros(1, dtype=torch.int64)
         if int(idx.max()) < 2**31 - 1 and idx_cursor < 2**31 - 1:
             idx = idx.to(torch.int32)
-        self.index_buffer = idx.to(device)
-        self.gather_programs = torch.tensor(progs, dtype=torch.int64, device=device).reshape(-1, _P3_FIELDS)
-        self.targets = torch.tensor(tgts, dtype=torch.int64, device=device).reshape(-1, _TGT_FIELDS)
-        self.gather_jobs = torch.tensor(gjobs, dtype=torch.int64, device=device).reshape(-1, _GJOB_FIELDS)
+        self.index_buffer = idx.to(self.device)
+        self.gather_programs = torch.tensor(progs, dtype=torch.int64, device=self.device).reshape(-1, _P3_FIELDS)
+        self.targets = torch.tensor(tgts, dtype=torch.int64, device=self.device).reshape(-1, _TGT_FIELDS)
+        self.gather_jobs = torch.tensor(gjobs, dtype=torch.int64, device=self.device).reshape(-1, _GJOB_FIELDS)
 
     @staticmethod
     def _phase1_records(j: int, lay: _Layout, br: int, bc: int, steps: int, base: int) -> Tuple[np.ndarray, int]:
@@ -656,59 +676,8 @@ def _check_disjoint(tensors: Sequence[torch.Tensor], what: str) -> None:
 
 
 # ============================================================================ launchers
-def sqgrad_accumulate(grad: torch.Tensor, dim: int, index: torch.Tensor, out: torch.Tensor,
-                      fisher: Optional[torch.Tensor] = None, *, backend: str = "auto",
-                      steps_per_program: Optional[int] = None) -> None:
-    """``out[s] += sum of grad[e]**2`` over elements ``e`` whose coordinate along ``dim`` is in ``index[s]``.
-
-    Args:
-        grad: the gradient, fp32 / fp16 / bf16, any shape (at least 1-D).
-        dim: the axis ``index`` addresses (negative counts from the end).
-        index: int ``[S, K]``, positions along ``dim`` owned by each of ``S`` structures
-            (a repeated position is counted each time it appears).
-        out: fp32 ``[S]``, accumulated in place (may be a strided view, e.g. ``scores[block]``).
-        fisher: optional fp32 tensor of ``grad``'s shape; receives ``+= grad**2`` in place.
-        backend: ``"auto"`` (CUDA -> Triton, CPU -> PyTorch, unless the env var
-            ``ELASTIC_FX_FORCE_TRITON=1``), ``"triton"`` or ``"torch"``.
-        steps_per_program: tuning knob: tiles one Triton program streams before it writes a
-            partial sum (``None``: chosen from the device's SM count).
-
-    Raises:
-        ValueError: shapes, dtypes or devices do not fit, or an index is out of range.
-    """
-    sqgrad_accumulate_many([SqgradJob(grad, dim, index, out, fisher)], backend=backend,
-                           steps_per_program=steps_per_program)
-
-
-def sqgrad_accumulate_many(jobs: Sequence[SqgradJob], *, backend: str = "auto",
-                           steps_per_program: Optional[int] = None) -> None:
-    """Run every job of :func:`sqgrad_accumulate` with one launch per phase (per gradient dtype).
-
-    Jobs may share an ``out`` tensor (their contributions are added in job order); two
-    different ``out`` or ``fisher`` tensors must not overlap in memory. All tensors must be
-    on one device. See :func:`sqgrad_accumulate` for the arguments.
-    """
-    jobs = list(jobs)
-    if not jobs:
-        return
-    dims = [_check_job(jb.grad, jb.dim, jb.index, jb.out, jb.fisher, where=f"sqgrad job {i}")
-            for i, jb in enumerate(jobs)]
-    device = jobs[0].grad.device
-    for i, jb in enumerate(jobs):
-        if jb.grad.device != device:
-            raise ValueError(f"sqgrad job {i}: grad is on {jb.grad.device} but job 0 is on {device}; "
-                             f"wanted every job on one device")
-    if not _use_triton(device, backend):
-        for jb in jobs:
-            sqgrad_accumulate_ref(jb.grad, jb.dim, jb.index, jb.out, jb.fisher)
-        return
-    _run_triton(jobs, dims, device, steps_per_program)
-
-
-def _run_triton(jobs: List[SqgradJob], dims: List[int], device: torch.device,
-                steps_per_program: Optional[int]) -> None:
-    """Validate memory layout, fetch the plan, build the per-call offsets and launch."""
-    # a target is one output tensor; jobs sharing the very same view share a target
+def _group_targets(jobs: Sequence[SqgradJob]) -> Tuple[List[int], List[torch.Tensor]]:
+    """A target is one output tensor; jobs passing the very same view share a target."""
     target_of: Dict[tuple, int] = {}
     target_outs: List[torch.Tensor] = []
     targets = []
@@ -719,41 +688,46 @@ def _run_triton(jobs: List[SqgradJob], dims: List[int], device: torch.device,
             target_outs.append(jb.out)
         targets.append(target_of[key])
     _check_disjoint(target_outs, "out")
-    grads = [jb.grad.detach() if jb.grad.is_contiguous() else jb.grad.detach().contiguous() for jb in jobs]
-    fishers = [None if jb.fisher is None else jb.fisher if jb.fisher.is_contiguous() else jb.fisher.contiguous()
-               for jb in jobs]
-    _check_disjoint([f.reshape(-1) for f in fishers if f is not None], "fisher")
-    plan = _get_plan(jobs, dims, targets, target_outs, device, steps_per_program)
+    return targets, target_outs
 
-    n = len(jobs)
+
+def _call_table(plan: _Plan, grads: Sequence[torch.Tensor], fishers: Sequence[Optional[torch.Tensor]],
+                target_outs: Sequence[torch.Tensor], device: torch.device) -> Tuple[torch.Tensor, List[int]]:
+    """Per-call element offsets (grads, fishers, outs) from each launch's base, and VEC per launch."""
+    n = len(grads)
     call = [0] * (2 * n + len(target_outs))
-    bases = []
-    aligned = []
+    vecs = []
     for launch in plan.launches:
         g0 = grads[launch.jobs[0]]
         f0 = fishers[launch.jobs[0]]
+        esize = g0.element_size()
         ok = launch.ld_multiple_of_16b and g0.data_ptr() % 16 == 0 and (f0 is None or f0.data_ptr() % 16 == 0)
         for j in launch.jobs:
-            call[j], rem = divmod(grads[j].data_ptr() - g0.data_ptr(), g0.element_size())
+            call[j], rem = divmod(grads[j].data_ptr() - g0.data_ptr(), esize)
             if rem:  # cannot happen for tensors torch allocates; guard the offset arithmetic anyway
                 raise ValueError(f"sqgrad job {j}: grad's address is not a multiple of its element size")
-            ok = ok and (call[j] * g0.element_size()) % 16 == 0
+            ok = ok and (call[j] * esize) % 16 == 0
             if f0 is not None:
                 call[n + j] = (fishers[j].data_ptr() - f0.data_ptr()) // 4
                 ok = ok and call[n + j] % 4 == 0
-        bases.append((g0, f0))
-        aligned.append(ok)
-    out0 = target_outs[0]
+        vecs.append(16 // esize if ok else 1)
+    out0 = target_outs[0].data_ptr()
     for t, o in enumerate(target_outs):
-        call[2 * n + t] = (o.data_ptr() - out0.data_ptr()) // 4
+        call[2 * n + t] = (o.data_ptr() - out0) // 4
     call_t = torch.tensor(call, dtype=torch.int64)
     if device.type == "cuda":
-        call_t = call_t.to(device, non_blocking=True)
+        call_t = call_t.to(device, non_blocking=True)  # staged copy: no wait on the stream
+    return call_t, vecs
 
+
+def _launch(plan: _Plan, grads: Sequence[torch.Tensor], fishers: Sequence[Optional[torch.Tensor]],
+            out0: torch.Tensor, call_t: torch.Tensor, vecs: Sequence[int], device: torch.device) -> None:
+    """Phase 1 per (dtype, fisher) launch, then the reduce and gather phases."""
+    n = len(grads)
     buf = torch.empty(plan.buffer_size, dtype=torch.float32, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for launch, (g0, f0), ok in zip(plan.launches, bases, aligned):
-            vec = 16 // g0.element_size() if ok else 1
+        for launch, vec in zip(plan.launches, vecs):
+            g0, f0 = grads[launch.jobs[0]], fishers[launch.jobs[0]]
             _sqgrad_partial_kernel[(launch.programs.shape[0],)](
                 g0, buf if f0 is None else f0, buf, call_t, launch.programs, n,
                 BLOCK_R=launch.block_r, BLOCK_C=launch.block_c, HAS_FISHER=launch.has_fisher, VEC=vec,
@@ -768,9 +742,152 @@ def _run_triton(jobs: List[SqgradJob], dims: List[int], device: torch.device,
                 buf, plan.index_buffer, out0, call_t, plan.gather_programs, plan.targets, plan.gather_jobs, n,
                 BLOCK_S=plan.block_s, BLOCK_K=plan.block_k, num_warps=4,
             )
+
+
+def sqgrad_accumulate(grad: torch.Tensor, dim: int, index: torch.Tensor, out: torch.Tensor,
+                      fisher: Optional[torch.Tensor] = None, *, backend: str = "auto",
+                      steps_per_program: Optional[int] = None) -> None:
+    """``out[s] += sum of grad[e]**2`` over elements ``e`` whose coordinate along ``dim`` is in ``index[s]``.
+
+    Args:
+        grad: the gradient, fp32 / fp16 / bf16, any shape (at least 1-D).
+        dim: the axis ``index`` addresses (negative counts from the end).
+        index: int ``[S, K]``, positions along ``dim`` owned by each of ``S`` structures
+            (a repeated position is counted each time it appears).
+        out: fp32 ``[S]``, accumulated in place (may be a strided view, e.g. ``scores[:, block]``).
+        fisher: optional fp32 tensor of ``grad``'s shape; receives ``+= grad**2`` in place.
+        backend: ``"auto"`` (CUDA -> Triton, CPU -> PyTorch, unless the env var
+            ``ELASTIC_FX_FORCE_TRITON=1``), ``"triton"`` or ``"torch"``.
+        steps_per_program: tuning knob: tiles one Triton program streams before it writes a
+            partial sum (``None``: chosen from the device's SM count).
+
+    Raises:
+        ValueError: shapes, dtypes or devices do not fit, or an index is out of range.
+    """
+    sqgrad_accumulate_many([SqgradJob(grad, dim, index, out, fisher)], backend=backend,
+                           steps_per_program=steps_per_program)
+
+
+def _check_jobs(jobs: Sequence[SqgradJob]) -> Tuple[List[int], torch.device]:
+    dims = [_check_job(jb.grad, jb.dim, jb.index, jb.out, jb.fisher, where=f"sqgrad job {i}")
+            for i, jb in enumerate(jobs)]
+    device = jobs[0].grad.device
+    for i, jb in enumerate(jobs):
+        if jb.grad.device != device:
+            raise ValueError(f"sqgrad job {i}: grad is on {jb.grad.device} but job 0 is on {device}; "
+                             f"wanted every job on one device")
+    return dims, device
+
+
+def sqgrad_accumulate_many(jobs: Sequence[SqgradJob], *, backend: str = "auto",
+                           steps_per_program: Optional[int] = None) -> None:
+    """Run every job of :func:`sqgrad_accumulate` with one launch per phase (per gradient dtype).
+
+    Jobs may share an ``out`` tensor (their contributions are added in job order); two
+    different ``out`` or ``fisher`` tensors must not overlap in memory. All tensors must be
+    on one device. See :func:`sqgrad_accumulate` for the arguments. To accumulate the same
+    gradients step after step with the least host work, build a :class:`SqgradPlan` once.
+    """
+    jobs = list(jobs)
+    if not jobs:
+        return
+    dims, device = _check_jobs(jobs)
+    if not _use_triton(device, backend):
+        for jb in jobs:
+            sqgrad_accumulate_ref(jb.grad, jb.dim, jb.index, jb.out, jb.fisher)
+        return
+    _run_triton(jobs, dims, device, steps_per_program)
+
+
+def _run_triton(jobs: List[SqgradJob], dims: List[int], device: torch.device,
+                steps_per_program: Optional[int]) -> None:
+    """Check memory layout, fetch the cached schedule, build the per-call offsets and launch."""
+    targets, target_outs = _group_targets(jobs)
+    grads = [jb.grad.detach() if jb.grad.is_contiguous() else jb.grad.detach().contiguous() for jb in jobs]
+    fishers = [None if jb.fisher is None else jb.fisher if jb.fisher.is_contiguous() else jb.fisher.contiguous()
+               for jb in jobs]
+    _check_disjoint([f.reshape(-1) for f in fishers if f is not None], "fisher")
+    plan = _get_plan(jobs, dims, targets, target_outs, device, steps_per_program)
+    call_t, vecs = _call_table(plan, grads, fishers, target_outs, device)
+    _launch(plan, grads, fishers, target_outs[0], call_t, vecs, device)
     for jb, f in zip(jobs, fishers):
         if f is not None and f is not jb.fisher:
             jb.fisher.copy_(f)
+
+
+class SqgradPlan:
+    """Accumulate the same set of gradients step after step, with the least host work.
+
+    Built once from template jobs: their gradients give each job's shape, dtype and device;
+    their ``out`` and ``fisher`` buffers are bound to the plan. Every :meth:`run` then takes
+    only the new gradients, checks them with a few list comparisons, reuses the device-side
+    offset table when the gradients sit at the same addresses as last time (the caching
+    allocator usually puts them there) and launches the kernels (one phase-1 launch per
+    gradient dtype, plus the gather). Whole-model accumulation this way stays bound by
+    memory bandwidth rather than by Python.
+
+    Example::
+
+        plan = SqgradPlan([SqgradJob(p.grad, s.dim, s.index, scores[b], fisher[s.name]) ...])
+        for batch in loader:
+            loss(batch).backward()
+            plan.run([p.grad for p in params_in_job_order])
+    """
+
+    def __init__(self, jobs: Sequence[SqgradJob], *, backend: str = "auto",
+                 steps_per_program: Optional[int] = None):
+        self.jobs = list(jobs)
+        if not self.jobs:
+            raise ValueError("SqgradPlan: got no jobs; wanted at least one SqgradJob")
+        dims, self.device = _check_jobs(self.jobs)
+        self.use_triton = _use_triton(self.device, backend)
+        self._shapes = [jb.grad.shape for jb in self.jobs]
+        self._dtypes = [jb.grad.dtype for jb in self.jobs]
+        self._devices = [self.device] * len(self.jobs)
+        self._last_ptrs: Optional[List[int]] = None
+        self._call: Optional[Tuple[torch.Tensor, List[int]]] = None
+        if not self.use_triton:
+            for jb, d in zip(self.jobs, dims):
+                _check_index_values(jb.index, jb.grad.shape[d], d, tuple(jb.grad.shape))
+            return
+        for i, jb in enumerate(self.jobs):
+            if jb.fisher is not None and not jb.fisher.is_contiguous():
+                raise ValueError(f"SqgradPlan job {i}: fisher is not contiguous; wanted a contiguous fp32 buffer "
+                                 f"(e.g. torch.zeros_like(grad, dtype=torch.float32))")
+        targets, self._target_outs = _group_targets(self.jobs)
+        self._fishers = [jb.fisher for jb in self.jobs]
+        _check_disjoint([f.reshape(-1) for f in self._fishers if f is not None], "fisher")
+        self._plan = _get_plan(self.jobs, dims, targets, self._target_outs, self.device, steps_per_program)
+
+    def run(self, grads: Sequence[torch.Tensor]) -> None:
+        """Accumulate ``grads[i]`` as job ``i`` (same shape, dtype and device as its template)."""
+        grads = list(grads)
+        if [g.shape for g in grads] != self._shapes or [g.dtype for g in grads] != self._dtypes \
+                or [g.device for g in grads] != self._devices:
+            self._raise_mismatch(grads)
+        if not self.use_triton:
+            for jb, g in zip(self.jobs, grads):
+                sqgrad_accumulate_ref(g, jb.dim, jb.index, jb.out, jb.fisher)
+            return
+        if not all(g.is_contiguous() for g in grads):
+            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        grads = [g.detach() for g in grads] if any(g.requires_grad for g in grads) else grads
+        ptrs = [g.data_ptr() for g in grads]
+        if ptrs != self._last_ptrs:
+            self._call = _call_table(self._plan, grads, self._fishers, self._target_outs, self.device)
+            self._last_ptrs = ptrs
+        call_t, vecs = self._call
+        _launch(self._plan, grads, self._fishers, self._target_outs[0], call_t, vecs, self.device)
+
+    def _raise_mismatch(self, grads: Sequence[torch.Tensor]) -> None:
+        if len(grads) != len(self.jobs):
+            raise ValueError(f"SqgradPlan.run: got {len(grads)} gradients; wanted {len(self.jobs)}, one per job")
+        for i, (g, shape, dtype) in enumerate(zip(grads, self._shapes, self._dtypes)):
+            if not isinstance(g, torch.Tensor) or g.shape != shape or g.dtype != dtype or g.device != self.device:
+                raise ValueError(
+                    f"SqgradPlan.run: gradient {i} is {_describe(g)}; wanted {tuple(shape)} "
+                    f"{str(dtype).replace('torch.', '')} on {self.device}, as the plan was built"
+                )
 
 
 def accumulate_slices(grads: Mapping[str, Optional[torch.Tensor]], slices: Sequence[ParamSlice], out: torch.Tensor,

@@ -54,6 +54,10 @@ UNARY_POINTWISE = {
     "clamp_min", "clamp_max", "pow", "square", "sqrt", "rsqrt", "masked_fill", "masked_fill_", "_assert_tensor_metadata",
     "identity",
 }
+ACTIVATIONS = {
+    "gelu", "relu", "relu_", "silu", "sigmoid", "tanh", "erf", "hardswish", "hardsigmoid", "leaky_relu", "elu",
+    "selu", "celu", "mish", "softplus", "quick_gelu", "activation",
+}
 MUL_LIKE = {"mul", "mul_", "imul", "div", "div_", "truediv", "itruediv", "floordiv", "rmul", "rtruediv"}
 ADD_LIKE = {"add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "radd", "where", "addcmul", "lerp"}
 NORM_OPS = {"layer_norm", "rms_norm", "group_norm", "native_layer_norm", "normalize"}
@@ -61,9 +65,10 @@ SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
 MATMUL_OPS = {"matmul", "bmm", "einsum", "baddbmm"}
 SDPA_OPS = {"scaled_dot_product_attention"}
 
-_POINTWISE_MODULES = (
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid,
-    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus,
+_POINTWISE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_ACTIVATION_MODULES = (
+    nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU,
+    nn.SELU, nn.CELU, nn.Mish, nn.Softplus,
 )
 _NORM_MODULES = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
@@ -90,6 +95,8 @@ def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
             return "multihead_attention"
         if isinstance(mod, _POINTWISE_MODULES):
             return "identity"
+        if isinstance(mod, _ACTIVATION_MODULES):
+            return "activation"
         if isinstance(mod, _NORM_MODULES):
             return "layer_norm"
         if isinstance(mod, nn.Softmax):
@@ -204,6 +211,7 @@ class LabelInterpreter(fx.Interpreter):
         self.summaries: Dict[Tuple[fx.Node, str], Any] = {}
         self.shapes: Dict[fx.Node, Any] = {}
         self.norms: Dict[fx.Node, List[torch.Tensor]] = {}  # first normalised row of each channel
+        self.nonlinear: set = set()  # sources whose features passed an activation or a gate
         self._next = 0
         self._bases: Optional[np.ndarray] = None
         self._decoded: Dict[int, Any] = {}
@@ -280,9 +288,12 @@ class LabelInterpreter(fx.Interpreter):
         name = op_name(self.module, n)
         if name in INDEX_OPS:
             return self._replay(n, value)
-        if name in UNARY_POINTWISE or name == "identity":
+        if name in UNARY_POINTWISE or name in ("identity", "activation"):
             first = n.all_input_nodes[0] if n.all_input_nodes else None
-            return self._fit(self.labels.get(first, []), value)
+            chans = self._fit(self.labels.get(first, []), value)
+            if name in ACTIVATIONS and chans:
+                self.nonlinear |= self._source_set(chans)
+            return chans
         if name in NORM_OPS or name == "layer_norm":
             chans = self._fit(self.labels.get(n.all_input_nodes[0], []), value)
             width = self._norm_width(n, value)
@@ -341,7 +352,10 @@ class LabelInterpreter(fx.Interpreter):
                 return []
             return self._fit([c for a in ld for c in self.labels[a]], value)
         if ld:
-            return self._fit([c for a in ld for c in self.labels[a]], value)
+            chans = self._fit([c for a in ld for c in self.labels[a]], value)
+            if name in MUL_LIKE and len(ld) >= 2:  # gating: data times data
+                self.nonlinear |= self._source_set(chans)
+            return chans
         if lc:
             return self._fit([c for a in lc for c in self.labels[a]], value)
         return []

@@ -98,7 +98,7 @@ def _explicit_core(gm: fx.GraphModule, softmax: fx.Node) -> Optional[_Core]:
     q, kt = x.args[0], x.args[1]
     y = softmax
     while True:
-        users = list(y.users)
+        users = [u for u in y.users if not op_name(gm, u).startswith("_assert")]  # export's metadata checks
         if len(users) != 1:
             return None
         u = users[0]
@@ -371,6 +371,8 @@ class _Analysis:
         owners = {}
         if any(self.source(s).key in attention_out for s in per_src):
             return None  # an attention out-projection feeding a norm and a linear is a residual stream
+        if not any(s in self.interp.nonlinear for s in per_src):
+            return None  # linear -> (norm) -> linear with no activation or gate is not an FFN
         for s, col_lists in sorted(per_src.items(), key=lambda kv: self.order[self.source(kv[0]).key]):
             src_li = self.linears[self.source(s).key]
             owner = torch.full((src_li.out_features,), -1, dtype=torch.long)
@@ -525,10 +527,11 @@ def discover(gm: fx.GraphModule) -> StructureMap:
         got = an.mlp(li, attention_out)
         if got is not None:
             groups.append((got[1], "mlp", got[0]))
-    if not groups:
+    if not any(kind == "attention" for _, kind, _ in groups):
         raise DiscoveryError(
             f"no attention heads or FFN neurons found in {type(gm).__name__} "
-            f"({len(an.linears)} linear layers, {len(an.cores) + len(an.mhas)} attention operations). "
+            f"({len(an.linears)} linear layers, {len(an.cores) + len(an.mhas)} attention operations, "
+            f"{len(groups)} feed-forward layer pairs). "
             "elastic_fx prunes Vision Transformers: blocks of multi-head attention and feed-forward layers. "
             "If this is a ViT whose attention sits inside an opaque module, trace it without registering "
             "that module as a leaf." + (f" Notes: {'; '.join(an.notes)}" if an.notes else "")

@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 from elastic_fx.kernels import sqgrad as sq  # noqa: E402
 from elastic_fx.kernels.sqgrad import (  # noqa: E402
     SqgradJob,
+    SqgradPlan,
     accumulate_slices,
     ghost_sqnorm,
     ghost_sqnorm_ref,
@@ -170,6 +171,54 @@ def test_accumulator_holds_exact_sum_of_two_batches(backend):
         assert torch.equal(f.cpu(), want), name
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_plan_reused_across_steps_holds_exact_sum(backend):
+    """A bound plan run on fresh gradient tensors each step (new and repeated addresses)."""
+    heads, head_dim, hidden = 3, 5, 23
+    attn, mlp = block_slices(heads, head_dim, hidden)
+    slices = attn + mlp
+    head_scores, neuron_scores = torch.zeros(heads, device=DEVICE), torch.zeros(hidden, device=DEVICE)
+    fisher = {s.name: torch.zeros(s.shape, device=DEVICE) for s in slices}
+    template = [torch.zeros(s.shape, device=DEVICE) for s in slices]
+    plan = SqgradPlan([SqgradJob(g, s.dim, s.index, head_scores if s in attn else neuron_scores, fisher[s.name])
+                       for g, s in zip(template, slices)], backend=backend)
+    gen = torch.Generator().manual_seed(4)
+    steps = [[torch.randint(-4, 5, s.shape, generator=gen).float().to(DEVICE) for s in slices] for _ in range(2)]
+    plan.run(steps[0])
+    plan.run(steps[1])
+    for g, t in zip(steps[0], template):  # same addresses as the templates: the cached offsets are reused
+        t.copy_(g)
+    plan.run(template)
+    want_h, want_n = torch.zeros(heads, dtype=torch.float64), torch.zeros(hidden, dtype=torch.float64)
+    for grads in (steps[0], steps[1], steps[0]):
+        for g, s in zip(grads, slices):
+            g2 = g.double().cpu() ** 2
+            per_pos = g2.sum(1 - s.dim) if g2.dim() == 2 else g2
+            (want_h if s in attn else want_n).add_(per_pos[s.index].sum(1))
+    assert torch.equal(head_scores.cpu(), want_h.float())
+    assert torch.equal(neuron_scores.cpu(), want_n.float())
+    for g0, g1, s in zip(*steps, slices):
+        assert torch.equal(fisher[s.name].cpu(), (2 * g0.double() ** 2 + g1.double() ** 2).float().cpu()), s.name
+
+
+def test_plan_rejects_gradients_unlike_its_templates():
+    out = torch.zeros(5, device=DEVICE)
+    plan = SqgradPlan([SqgradJob(torch.zeros(5, 7, device=DEVICE), 0, torch.arange(5)[:, None], out)],
+                      backend="triton")
+    with pytest.raises(ValueError, match=r"gradient 0 is \(7, 5\) float32.*wanted \(5, 7\) float32"):
+        plan.run([torch.zeros(7, 5, device=DEVICE)])
+    with pytest.raises(ValueError, match=r"gradient 0 is \(5, 7\) float16.*wanted \(5, 7\) float32"):
+        plan.run([torch.zeros(5, 7, dtype=torch.float16, device=DEVICE)])
+    with pytest.raises(ValueError, match="got 2 gradients; wanted 1"):
+        plan.run([torch.zeros(5, 7, device=DEVICE)] * 2)
+    with pytest.raises(ValueError, match="fisher is not contiguous"):
+        SqgradPlan([SqgradJob(torch.zeros(5, 7, device=DEVICE), 0, torch.arange(5)[:, None], out,
+                              torch.zeros(7, 5, device=DEVICE).t())], backend="triton")
+    with pytest.raises(ValueError, match="position 5"):
+        SqgradPlan([SqgradJob(torch.zeros(5, 7, device=DEVICE), 0, torch.arange(1, 6)[:, None], out)],
+                   backend="triton")
+
+
 def test_deterministic_bit_for_bit():
     grad = make_grad((37, 50), torch.float32, seed=5)
     index = torch.arange(50).view(10, 5)
@@ -269,6 +318,12 @@ def test_unknown_backend_rejected():
     with pytest.raises(ValueError, match="backend='cuda'"):
         sqgrad_accumulate(make_grad((3, 3), torch.float32), 0, torch.arange(3)[:, None],
                           torch.zeros(3, device=DEVICE), backend="cuda")
+
+
+def test_triton_on_cpu_without_interpreter_is_explained(monkeypatch):
+    monkeypatch.setattr(sq, "_INTERPRETED", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        sqgrad_accumulate(torch.ones(3, 3), 0, torch.arange(3)[:, None], torch.zeros(3), backend="triton")
 
 
 def test_auto_dispatch(monkeypatch):

@@ -1,0 +1,195 @@
+"""Baseline importance scores, in the same per-structure format as the local scores.
+
+Every function returns a :class:`~elastic_fx.scoring.local.LocalScores` whose
+``head_scores[b]`` / ``neuron_scores[b]`` are SUMS over the parameter entries each head /
+neuron owns (the same :class:`~elastic_fx.structures.ParamSlice` entries the squared
+gradients are summed over; buffers excluded), so that ``head_means`` / ``neuron_means``
+and the budget treat every method alike.
+
+* :func:`magnitude_scores` -- ``Σ w²``: the squared L2 norm of the structure's weights.
+  (Squared, so that the per-parameter mean is the mean squared weight, and so that it
+  adds up over the structure's tensors the way squared gradients do.)
+* :func:`lamp_scores` -- LAMP (Lee et al., ICLR 2021, "Layer-adaptive sparsity for the
+  magnitude-based pruning"). LAMP scores one weight ``u`` of a layer by
+  ``w_u² / Σ_{v in the layer, |w_v| >= |w_u|} w_v²``: its squared magnitude relative to
+  all weights of the same layer that are at least as large, which makes scores comparable
+  across layers (the largest weight of every layer scores 1). Structured adaptation used
+  here: a "layer" is one parameter tensor (a weight matrix or a bias vector); every entry
+  of it gets its LAMP score (ties share the denominator of the ``>=`` definition), and a
+  structure's score is the SUM of the LAMP scores of the entries it owns, over all its
+  tensors. Entries owned by no structure still count in their layer's denominators.
+* :func:`snip_scores` -- SNIP-magnitude, ``Σ |w ⊙ ḡ|`` over the structure's entries (the
+  connection sensitivity of Lee et al., ICLR 2019), with ``ḡ`` the gradient of the DINO
+  self-distillation loss averaged over the same image batches as the local scores (one
+  pass; the image-weighted mean of the batch gradients, i.e. SNIP with the whole
+  calibration set as its batch).
+* :func:`random_scores` -- uniform ``[0, 1)`` per structure from a seeded generator.
+
+"fisher-only" is not a function: it is the ``method="dino"`` local scores used without the
+global search (``local_scores(..., method="fisher")`` is an alias of ``"dino"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..data import PreprocessConfig
+from ..structures import StructureMap
+from .dino import DinoConfig, LossFn
+from .local import (
+    LocalScores,
+    PassConfig,
+    _batches,
+    _check_finite_grads,
+    _describe_images,
+    _device_of,
+    _grads,
+    _Group,
+    _progress,
+    _scoring_state,
+    _amp,
+    build_objective,
+    new_scores,
+    resolve_model,
+    scored_groups,
+    scored_parameters,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["lamp_scores", "magnitude_scores", "random_scores", "snip_scores", "sum_per_structure"]
+
+Scores = Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]
+
+
+def sum_per_structure(values: Mapping[str, torch.Tensor], groups: Sequence[_Group]) -> Scores:
+    """For every group: ``out[s] = Σ values[name][e]`` over the entries ``e`` structure ``s`` owns.
+
+    ``values`` maps parameter names to tensors of the parameter's shape (per-entry scores);
+    sums run in float64 and are returned as fp32 ``(heads, neurons)`` dicts by block.
+    """
+    heads: Dict[int, torch.Tensor] = {}
+    neurons: Dict[int, torch.Tensor] = {}
+    for g in groups:
+        out = torch.zeros(g.size, dtype=torch.float64)
+        for s in g.slices:
+            v = values[s.name].detach().to("cpu", torch.float64)
+            others = [d for d in range(v.dim()) if d != s.dim]
+            per_position = v.sum(dim=others) if others else v
+            out += per_position[s.index].sum(dim=1)
+        (heads if g.kind == "heads" else neurons)[g.block] = out.float()
+    return heads, neurons
+
+
+def _data_free(model: nn.Module, structures: Optional[StructureMap], example_inputs: Any
+               ) -> Tuple[nn.Module, StructureMap, Sequence[_Group], Dict[str, nn.Parameter]]:
+    gm, smap = resolve_model(model, example_inputs, structures)
+    groups = scored_groups(smap)
+    return gm, smap, groups, scored_parameters(gm, groups)
+
+
+def magnitude_scores(model: nn.Module, *, structures: Optional[StructureMap] = None,
+                     example_inputs: Any = None) -> LocalScores:
+    """``Σ w²`` over each head's / neuron's parameter entries (squared L2 magnitude)."""
+    gm, smap, groups, params = _data_free(model, structures, example_inputs)
+    heads, neurons = sum_per_structure({n: p.detach().double().square() for n, p in params.items()}, groups)
+    return new_scores(smap, heads, neurons, method="magnitude", loss="none", mode="none", num_images=0,
+                      config={"definition": "sum of squared weights"})
+
+
+def lamp_entry_scores(w: torch.Tensor) -> torch.Tensor:
+    """LAMP score of every entry of one tensor: ``w² / Σ_{|v| >= |w|} v²`` (float64, ``w``'s shape)."""
+    sq = w.detach().to("cpu", torch.float64).reshape(-1).square()
+    ordered, _ = torch.sort(sq)
+    # suffix[i] = Σ_{j >= i} ordered[j]; a trailing 0 keeps searchsorted's index in range
+    suffix = torch.cat([ordered.flip(0).cumsum(0).flip(0), ordered.new_zeros(1)])
+    first = torch.searchsorted(ordered, sq, side="left")  # first entry with magnitude >= this one's
+    denom = suffix[first]
+    scores = torch.where(denom > 0, sq / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(sq))
+    return scores.view(w.shape)
+
+
+def lamp_scores(model: nn.Module, *, structures: Optional[StructureMap] = None,
+                example_inputs: Any = None) -> LocalScores:
+    """Σ of per-entry LAMP scores (per parameter tensor) over each structure's entries."""
+    gm, smap, groups, params = _data_free(model, structures, example_inputs)
+    heads, neurons = sum_per_structure({n: lamp_entry_scores(p) for n, p in params.items()}, groups)
+    return new_scores(smap, heads, neurons, method="lamp", loss="none", mode="none", num_images=0,
+                      config={"definition": "sum over the structure's entries of w^2 / sum of v^2 over entries "
+                                            "of the same tensor with |v| >= |w|"})
+
+
+def random_scores(model: Union[nn.Module, StructureMap], seed: int = 0, *,
+                  structures: Optional[StructureMap] = None, example_inputs: Any = None) -> LocalScores:
+    """Uniform ``[0, 1)`` scores, one per structure, from ``torch.Generator().manual_seed(seed)``."""
+    smap = model if isinstance(model, StructureMap) else structures
+    if smap is None:
+        _, smap = resolve_model(model, example_inputs, None)
+    gen = torch.Generator().manual_seed(int(seed))
+    heads: Dict[int, torch.Tensor] = {}
+    neurons: Dict[int, torch.Tensor] = {}
+    for g in scored_groups(smap):
+        (heads if g.kind == "heads" else neurons)[g.block] = torch.rand(g.size, generator=gen)
+    return new_scores(smap, heads, neurons, method="random", loss="none", mode="none", num_images=0,
+                      config={"seed": int(seed)})
+
+
+def snip_scores(
+    model: nn.Module,
+    images: Any = None,
+    *,
+    loss_fn: Optional[LossFn] = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    num_images: int = 1000,
+    device: Union[str, torch.device, None] = None,
+    dino: Optional[DinoConfig] = None,
+    progress: bool = True,
+    labels: Any = None,
+    amp_dtype: Optional[torch.dtype] = None,
+    preprocess: Optional[PreprocessConfig] = None,
+    structures: Optional[StructureMap] = None,
+    example_inputs: Any = None,
+) -> LocalScores:
+    """SNIP-magnitude: ``Σ |w ⊙ ḡ|`` per structure, ``ḡ`` the mean DINO-loss gradient (one pass).
+
+    Arguments as for :func:`elastic_fx.scoring.local.local_scores` (a ``loss_fn``
+    replaces the DINO loss). Memory: one fp32 gradient sum per scored parameter.
+    """
+    gm, smap = resolve_model(model, example_inputs, structures)
+    cfg = PassConfig(batch_size=batch_size, seed=seed, num_images=num_images,
+                     device=None if device is None else torch.device(device), progress=progress, amp_dtype=amp_dtype)
+    objective, data, n_images = build_objective(gm, smap, "dino", loss_fn, images, cfg, dino=dino, labels=labels,
+                                                preprocess=preprocess)
+    groups = scored_groups(smap)
+    params = scored_parameters(gm, groups)
+    names, plist = list(params), list(params.values())
+    with _scoring_state(gm, params, cfg.device):
+        dev = _device_of(gm)
+        sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=dev) for n, p in params.items()}
+        bar = _progress(n_images, progress, f"snip/{objective.name}")
+        t0 = time.perf_counter()
+        try:
+            for bi, start, batch, n in _batches(data, batch_size):
+                what = _describe_images(bi, start, n)
+                with _amp(dev, amp_dtype):
+                    loss = objective.fn(gm, batch)
+                grads = _grads(loss, names, plist, what)
+                _check_finite_grads(loss, grads, what, amp_dtype)
+                for name, g in grads.items():
+                    sums[name].add_(g.float(), alpha=float(n))  # image-weighted mean over batches
+                bar.update(n)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        per_entry = {name: (params[name].detach().float() * (sums[name] / n_images)).abs() for name in names}
+    heads, neurons = sum_per_structure(per_entry, groups)
+    config = {"batch_size": batch_size, "seed": seed, "num_images_requested": num_images, "seconds": round(seconds, 3),
+              **objective.extra}
+    return new_scores(smap, heads, neurons, method="snip", loss=objective.name, mode="per-batch",
+                      num_images=n_images, config=config)
