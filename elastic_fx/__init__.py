@@ -3,6 +3,7 @@
 The public API is re-exported here and nothing else lives in this file.
 """
 
+from .budget import Floors, achieved, budget_masks, max_sparsity, nested_masks, structure_order
 from .errors import (
     BudgetError,
     DataError,
@@ -14,6 +15,8 @@ from .errors import (
     SliceError,
     TracingError,
 )
+from .elastic import ElasticModel, ElasticScores
+from .exporters.onnx import ExportReport, export_onnx
 from .passes.discover import discover
 from .passes.slice import slice_graph as slice
 from .structures import AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap
@@ -21,6 +24,16 @@ from .tracing import register_leaf_module, register_no_trace_function, trace
 from .version import __version__
 
 __all__ = [
+    "ElasticModel",
+    "ElasticScores",
+    "ExportReport",
+    "Floors",
+    "achieved",
+    "budget_masks",
+    "export_onnx",
+    "max_sparsity",
+    "nested_masks",
+    "structure_order",
     "AttentionGroup",
     "Block",
     "BudgetError",

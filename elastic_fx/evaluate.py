@@ -345,7 +345,8 @@ def evaluate_features(
         if model is None:
             raise DataError(f"data holds images of shape {x.shape[1:]} but model is None; "
                             "pass the model to embed them.")
-        return extract_features(model, to_model_input(x, mean, std, image_size), batch_size=batch_size, device=device)
+        chunks = (to_model_input(x[i:i + batch_size], mean, std, image_size) for i in range(0, len(x), batch_size))
+        return extract_features(model, chunks, device=device)  # converted chunk by chunk: uint8 stays compact
 
     f_train, f_test = features(data.x_train), features(data.x_test)
     result = {"knn_top1": knn_top1(f_train, data.y_train, f_test, data.y_test, k=k)}

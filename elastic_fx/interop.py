@@ -195,12 +195,21 @@ def _unpickle_safely(path: str, packages: Sequence[str]) -> Tuple[Any, Tuple[str
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ScoresError(
-            f"refusing to load {path}: torch's safe unpickler rejected it ({e}). The file holds "
-            "objects beyond tensors, plain containers and the reference code's enums"
+            f"refusing to load {path}: torch's safe unpickler rejected it ({_unpickler_reason(e)}). The "
+            "file holds objects beyond tensors, plain containers and the reference code's enums, which "
+            "could execute code"
         ) from e
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError) as e:
         raise ScoresError(f"{path} is not a readable torch.save file ({type(e).__name__}: {e})") from e
     return data, tuple(stand_ins)
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The specific part of torch's weights_only error (its generic advice does not apply here)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(text.split())
 
 
 def _plain(obj: Any) -> Any:

@@ -47,10 +47,11 @@ def test_knn_separable_is_perfect():
 
 
 def test_knn_shuffled_labels_is_chance():
+    # test points of one cluster share their neighbours, so one shuffle swings +-0.04; average six
     xtr, ytr, xte, yte = blobs(2000, 1000)
-    shuffled = ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1))]
-    acc = knn_top1(xtr, shuffled, xte, yte, k=20)
-    assert abs(acc - 0.1) < 0.05, acc
+    accs = [knn_top1(xtr, ytr[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(s))], xte, yte)
+            for s in range(6)]
+    assert abs(sum(accs) / len(accs) - 0.1) < 0.04, accs
 
 
 def test_knn_uses_l2_normalised_features():

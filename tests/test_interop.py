@@ -244,3 +244,15 @@ def test_stand_in_is_inert():
     cls = type("ModelType", (ReferenceObject,), {"ref_path": "src.models.enums.ModelType"})
     member = cls("dino_vitb16")
     assert member.value == "dino_vitb16" and "src.models.enums.ModelType" in repr(member)
+
+
+def test_refuses_a_raw_pickle_attack(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "raw.pkl"  # not a torch zip checkpoint: no static scan, weights_only decides
+    with open(path, "wb") as f:
+        pickle.dump({"x": _Payload(os.system, (f"echo pwned > {marker}",))}, f, protocol=2)
+    with pytest.raises(ScoresError, match="refusing to load .*could execute code"):
+        load_reference_scores(path)
+    assert not marker.exists()

@@ -189,10 +189,45 @@ def time_graph(fn: Callable[[], None]) -> float:
         return float("nan")
 
 
+def measure(v: VitShape, dtype: torch.dtype, fisher: bool, only: Optional[str], comp: Optional[Callable],
+            copy_bw: float) -> dict:
+    """Check, then time one workload with every implementation; one table row."""
+    jobs = make_jobs(v, dtype, DEVICE, fisher, only)
+    # correctness first: one fresh run of each implementation must agree
+    a, b, c = fresh(jobs), fresh(jobs), fresh(jobs)
+    SqgradPlan(a, backend="triton").run([j.grad for j in a])
+    eager(*eager_args(b))
+    check_same(a, b)
+    if comp is not None:
+        comp(*eager_args(c))
+        check_same(c, b)
+    del a, b, c
+    plan = SqgradPlan(jobs, backend="triton")
+    grads = [j.grad for j in jobs]
+    args = eager_args(jobs)
+    nan = float("nan")
+    t = {
+        "triton": time_cuda(lambda: plan.run(grads)),
+        "triton_gpu": time_graph(lambda: plan.run(grads)),
+        "many": time_cuda(lambda: sqgrad_accumulate_many(jobs, backend="triton")),
+        "eager": time_cuda(lambda: eager(*args)),
+        "eager_gpu": time_graph(lambda: eager(*args)),
+        "compile": time_cuda(lambda: comp(*args)) if comp else nan,
+        "compile_gpu": time_graph(lambda: comp(*args)) if comp else nan,
+    }
+    nbytes = moved_bytes(jobs)
+    gbps = nbytes / (t["triton_gpu"] * 1e-3) / 1e9
+    gbps_wall = nbytes / (t["triton"] * 1e-3) / 1e9
+    return dict(model=v.name, workload=only or "whole model", dtype=str(dtype).replace("torch.", ""),
+                fisher=fisher, mbytes=nbytes / 2**20, **{f"{k}_us": 1e3 * ms for k, ms in t.items()},
+                gbps=gbps, pct_copy=100 * gbps / copy_bw, gbps_wall=gbps_wall, pct_copy_wall=100 * gbps_wall / copy_bw,
+                x_eager=t["eager"] / t["triton"], x_compile=t["compile"] / t["triton"],
+                x_eager_gpu=t["eager_gpu"] / t["triton_gpu"], x_compile_gpu=t["compile_gpu"] / t["triton_gpu"])
+
+
 def run_cuda(args: argparse.Namespace) -> dict:
-    device = DEVICE
     name = torch.cuda.get_device_name()
-    copy_bw = copy_bandwidth_gbps(device)
+    copy_bw = copy_bandwidth_gbps(DEVICE)
     comp = compiled_eager()
     rows, headline = [], []
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -200,54 +235,19 @@ def run_cuda(args: argparse.Namespace) -> dict:
     for v in (VIT_B16, VIT_L16):
         for dname in args.dtypes:
             for fisher in ((False, True) if args.fisher == "both" else (args.fisher == "yes",)):
-                workloads = [("whole model", None)]
-                if v is VIT_B16 or args.all_tensors:
-                    workloads += [(p, p) for p in tensors]
-                for label, only in workloads:
-                    jobs = make_jobs(v, dtypes[dname], device, fisher, only)
-                    # correctness first: one fresh run of each implementation must agree
-                    a, b, c = fresh(jobs), fresh(jobs), fresh(jobs)
-                    SqgradPlan(a, backend="triton").run([j.grad for j in a])
-                    eager(*eager_args(b))
-                    check_same(a, b)
-                    if comp is not None:
-                        comp(*eager_args(c))
-                        check_same(c, b)
-                    plan = SqgradPlan(jobs, backend="triton")
-                    grads = [j.grad for j in jobs]
-                    run_plan = lambda: plan.run(grads)  # noqa: E731
-                    run_eager = lambda: eager(*eager_args(jobs))  # noqa: E731
-                    run_comp = (lambda: comp(*eager_args(jobs))) if comp else None
-                    t = {
-                        "triton": time_cuda(run_plan),
-                        "triton_gpu": time_graph(run_plan),
-                        "many": time_cuda(lambda: sqgrad_accumulate_many(jobs, backend="triton")),
-                        "eager": time_cuda(run_eager),
-                        "eager_gpu": time_graph(run_eager),
-                        "compile": time_cuda(run_comp) if comp else float("nan"),
-                        "compile_gpu": time_graph(run_comp) if comp else float("nan"),
-                    }
-                    nbytes = moved_bytes(jobs)
-                    gbps = nbytes / (t["triton_gpu"] * 1e-3) / 1e9
-                    gbps_wall = nbytes / (t["triton"] * 1e-3) / 1e9
-                    row = dict(model=v.name, workload=label, dtype=dname, fisher=fisher, mbytes=nbytes / 2**20,
-                               **{f"{k}_us": 1e3 * ms for k, ms in t.items()},
-                               gbps=gbps, pct_copy=100 * gbps / copy_bw,
-                               gbps_wall=gbps_wall, pct_copy_wall=100 * gbps_wall / copy_bw,
-                               x_eager=t["eager"] / t["triton"], x_compile=t["compile"] / t["triton"],
-                               x_eager_gpu=t["eager_gpu"] / t["triton_gpu"],
-                               x_compile_gpu=t["compile_gpu"] / t["triton_gpu"])
+                workloads = [None] + (list(tensors) if v is VIT_B16 or args.all_tensors else [])
+                for only in workloads:
+                    row = measure(v, dtypes[dname], fisher, only, comp, copy_bw)
                     rows.append(row)
                     if only is None:
                         headline.append({k: row[k] for k in ("model", "dtype", "fisher", "gbps", "pct_copy",
                                                              "gbps_wall", "pct_copy_wall", "x_eager", "x_compile",
                                                              "x_eager_gpu", "x_compile_gpu")})
-                    del jobs, a, b, c, plan, grads
                     torch.cuda.empty_cache()
     ghost = []
     for v in (VIT_B16, VIT_L16):
-        x = torch.randn(args.ghost_batch, v.tokens, v.embed, device=device, dtype=torch.bfloat16)
-        g = torch.randn(args.ghost_batch, v.tokens, 3 * v.embed, device=device, dtype=torch.bfloat16)
+        x = torch.randn(args.ghost_batch, v.tokens, v.embed, device=DEVICE, dtype=torch.bfloat16)
+        g = torch.randn(args.ghost_batch, v.tokens, 3 * v.embed, device=DEVICE, dtype=torch.bfloat16)
         got, want = ghost_sqnorm(x, g, backend="triton"), ghost_sqnorm_ref(x, g)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * b.abs().max().item())
@@ -298,21 +298,21 @@ def markdown(result: dict) -> str:
         lines.append(f"sqgrad on {result['device']}; copy bandwidth {result['copy_gbps']:.0f} GB/s. "
                      "wall = do_bench per call (host included); GPU = CUDA-graph replay (host excluded).")
         lines.append("")
-        lines.append("| model | workload | dtype | fisher | MiB | triton wall µs | triton GPU µs | GB/s GPU | % copy GPU "
-                     "| % copy wall | many() wall µs | eager wall µs | compile wall µs | × eager | × compile "
-                     "| × eager GPU | × compile GPU |")
+        lines.append("| model | workload | dtype | fisher | MiB | triton wall µs | triton GPU µs | GB/s GPU "
+                     "| % copy GPU | % copy wall | many() wall µs | eager wall µs | compile wall µs | × eager "
+                     "| × compile | × eager GPU | × compile GPU |")
         lines.append("|---|---|---|---|" + "---:|" * 13)
         for r in result["rows"]:
             lines.append(f"| {r['model']} | {r['workload']} | {r['dtype']} | {'yes' if r['fisher'] else 'no'} "
                          f"| {r['mbytes']:.1f} | {r['triton_us']:.1f} | {r['triton_gpu_us']:.1f} | {r['gbps']:.0f} "
-                         f"| {r['pct_copy']:.0f} | {r['pct_copy_wall']:.0f} | {r['many_us']:.1f} | {r['eager_us']:.1f} "
-                         f"| {r['compile_us']:.1f} | {r['x_eager']:.2f} | {r['x_compile']:.2f} "
+                         f"| {r['pct_copy']:.0f} | {r['pct_copy_wall']:.0f} | {r['many_us']:.1f} "
+                         f"| {r['eager_us']:.1f} | {r['compile_us']:.1f} | {r['x_eager']:.2f} | {r['x_compile']:.2f} "
                          f"| {r['x_eager_gpu']:.2f} | {r['x_compile_gpu']:.2f} |")
         lines.append("")
         lines.append("Per-tensor rows fit in L2, so their GPU-time GB/s can exceed DRAM bandwidth.")
         lines.append("")
-        lines.append("| ghost_sqnorm (bf16) | B | T | ghost µs | reference µs | × reference | batch-grad matmul µs "
-                     "| ghost / matmul |")
+        lines.append("| ghost_sqnorm (bf16) | B | T | ghost µs | reference µs | × reference "
+                     "| batch-grad matmul µs | ghost / matmul |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in result["ghost"]:
             lines.append(f"| {r['model']} {r['layer']} | {r['batch']} | {r['tokens']} | {r['ghost_us']:.1f} "

@@ -531,6 +531,8 @@ def _export_once(job: _ExportJob, exporter: str, tmp: Path, attempts: Tuple[str,
     meta = _build_metadata(job.user_meta, job.module, exporter, job.opset, job.dtype, shape)
     final = final_dir / target.name
     real_opset = _write_final(raw_dir / target.name, final, meta)
+    if real_opset != job.opset:  # the dynamo exporter keeps 18 when it cannot convert down
+        raise ExportError(f"the {exporter} exporter produced opset {real_opset}, not the requested {job.opset}.")
     max_diff, tol, provider = _validate(final, job.refs, job.fp16, job.atol, job.rtol)
     size = _file_bytes(final)  # measured here: a stale side file at the target must not count
     data = final.with_name(final.name + ".data")

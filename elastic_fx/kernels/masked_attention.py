@@ -55,13 +55,11 @@ def _autotune_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in (
+        for bm, bn, w, s in (  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
             (64, 32, 4, 2),
             (64, 64, 4, 2),
             (64, 64, 4, 3),
-            (64, 128, 4, 2),
             (128, 32, 4, 2),
-            (128, 64, 4, 2),
             (128, 64, 4, 3),
             (128, 64, 8, 2),
             (128, 64, 8, 3),
@@ -71,15 +69,21 @@ def _autotune_configs() -> list[triton.Config]:
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles far larger than the problem or too large for shared memory."""
+    """Drop tiles far larger than the problem, or too large for shared memory.
+
+    fp32 inputs use exact (non-tensor-core) dots: big fp32 tiles overflow shared memory
+    and take minutes to compile, so fp32 keeps the two smallest tiles.
+    """
     n_q, n_kv, block_d = named_args["N"], named_args["N_KV"], kwargs["BLOCK_D"]
-    kept = [
-        cfg
-        for cfg in configs
-        if cfg.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(n_q))
-        and cfg.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n_kv))
-        and (block_d <= 128 or (cfg.kwargs["BLOCK_M"] <= 64 and cfg.kwargs["BLOCK_N"] <= 64))
-    ]
+    fp32 = named_args["q_ptr"].dtype == torch.float32
+    kept = []
+    for cfg in configs:
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        if bm > max(64, triton.next_power_of_2(n_q)) or bn > max(32, triton.next_power_of_2(n_kv)):
+            continue
+        if (block_d > 128 or fp32) and (bm > 64 or bn > 64 or cfg.num_stages > 2):
+            continue
+        kept.append(cfg)
     return kept or configs[:1]
 
 
@@ -309,16 +313,41 @@ def masked_attention_ref(
     """
     _validate(q, k, v, head_keep, scale)
     C, B, H, N, d = q.shape
-    out = torch.zeros((C, B, H, N, d), dtype=q.dtype, device=q.device)
-    keep_c, keep_h = head_keep.to(q.device).nonzero(as_tuple=True)
-    if keep_c.numel() == 0 or out.numel() == 0:
-        return out
-    # q[keep_c, :, keep_h]: the two index tensors are split by a slice, so the gathered
-    # pair axis comes first -> [K, B, N, d]; SDPA treats K and B as batch axes.
-    sel = [t[keep_c, :, keep_h].float() for t in (q, k, v)]
-    kept = F.scaled_dot_product_attention(*sel, scale=_default_scale(d, scale))
-    out[keep_c, :, keep_h] = kept.to(q.dtype)
+    keep = head_keep.detach().cpu()
+    pairs = keep.nonzero().tolist()  # [[c, h], ...] kept, in row-major order
+    out = torch.empty((C, B, H, N, d), dtype=q.dtype, device=q.device)
+    if not pairs or out.numel() == 0:
+        return out.zero_()
+    if len(pairs) == C * H:  # nothing masked: attend the dense [C*B, H, N, d] views, no gather
+        dense = [t.reshape(C * B, H, t.shape[3], d).float() for t in (q, k, v)]
+        kept = F.scaled_dot_product_attention(*dense, scale=_default_scale(d, scale))
+        return out.copy_(kept.view(C, B, H, N, d))
+    # Gather the kept pairs into [K, B, N_(kv), d]; SDPA treats K and B as batch axes.
+    # torch.stack over [B, N, d] slices is one copy per tensor and, unlike advanced
+    # indexing on the strided 5-D views, cheap on the CPU.
+    sel = [torch.stack([t[c, :, h] for c, h in pairs]).float() for t in (q, k, v)]
+    kept = F.scaled_dot_product_attention(*sel, scale=_default_scale(d, scale)).to(q.dtype)
+    _scatter_pairs(out, kept, keep, pairs)
     return out
+
+
+def _scatter_pairs(out: torch.Tensor, kept: torch.Tensor, keep: torch.Tensor, pairs: list[list[int]]) -> None:
+    """Write kept[i] to out[c_i, :, h_i] and zeros to every masked (c, h)."""
+    if out.device.type != "cpu":  # one index_put launch instead of C*H small kernels
+        out.zero_()
+        index = torch.tensor(pairs, device=out.device).T
+        out[index[0], :, index[1]] = kept
+        return
+    # On the CPU, per-slice copies beat index_put, and writing each slice once beats
+    # zero-filling the whole output first.
+    by_pair = {(c, h): i for i, (c, h) in enumerate(pairs)}
+    for c in range(keep.shape[0]):
+        for h in range(keep.shape[1]):
+            i = by_pair.get((c, h))
+            if i is None:
+                out[c, :, h].zero_()
+            else:
+                out[c, :, h].copy_(kept[i])
 
 
 def masked_attention(

@@ -42,7 +42,8 @@ out, fisher) and runs all of them with one launch per phase (per gradient dtype)
 is what makes a whole model's accumulation bandwidth-bound instead of launch-bound.
 Gradients of different tensors are addressed as element offsets from one base tensor
 per launch; the schedule (program tables, index buffer) is built once per set of shapes
-and index tensors and cached.
+and index tensors and cached. For a training-style loop, :class:`SqgradPlan` binds the
+outputs once and leaves only a few list comparisons of host work per step.
 
 Per-sample ("ghost") squared norms
 ----------------------------------
@@ -358,7 +359,9 @@ def _check_job(grad: torch.Tensor, dim: int, index: torch.Tensor, out: torch.Ten
         )
     ndim = grad.dim()
     if not isinstance(dim, int) or not -ndim <= dim < ndim:
-        raise ValueError(f"{where}: dim={dim!r} for grad of shape {tuple(grad.shape)}; wanted an int in [{-ndim}, {ndim})")
+        raise ValueError(
+            f"{where}: dim={dim!r} for grad of shape {tuple(grad.shape)}; wanted an int in [{-ndim}, {ndim})"
+        )
     dim %= ndim
     if not isinstance(index, torch.Tensor) or index.dim() != 2 or index.dtype.is_floating_point \
             or index.dtype.is_complex or index.dtype == torch.bool:
@@ -823,8 +826,9 @@ class SqgradPlan:
     only the new gradients, checks them with a few list comparisons, reuses the device-side
     offset table when the gradients sit at the same addresses as last time (the caching
     allocator usually puts them there) and launches the kernels (one phase-1 launch per
-    gradient dtype, plus the gather). Whole-model accumulation this way stays bound by
-    memory bandwidth rather than by Python.
+    gradient dtype, plus the gather). The host work per step is a fraction of a microsecond
+    per job plus the launches (about 30 us for the 72 jobs of a ViT-B/16, measured on a CPU
+    with the kernels stubbed out), so a whole-model step can stay bound by memory bandwidth.
 
     Example::
 

@@ -163,6 +163,15 @@ def test_fp16_unsupported_by_runtime_says_so(tmp_path, monkeypatch, timm_fx):
     assert _listing(tmp_path) == []
 
 
+def test_requested_opset_is_honoured(tmp_path):
+    # the dynamo exporter cannot go below 18 for LayerNorm and keeps 18: that counts as a failure
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    report = export_onnx(module, tmp_path / "o14.onnx", torch.randn(2, 8), opset=14)
+    model = onnx.load(report.path)
+    assert report.opset == 14 and report.metadata["opset"] == "14"
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [14]
+
+
 # ----------------------------------------------------------------------------- failures are clean
 
 

@@ -272,3 +272,23 @@ def test_unsupported_head_dim_and_backend():
         masked_attention(q, k, v, keep, backend="cuda")
     with pytest.raises(ValueError, match=r"scale must be a finite float"):
         masked_attention(q, k, v, keep, scale=float("nan"))
+
+
+def test_config_pruning_keeps_fp32_tiles_small_and_never_empties():
+    import triton
+
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s)
+        for bm, bn, s in ((64, 32, 2), (64, 64, 3), (128, 64, 3), (128, 128, 2))
+    ]
+
+    def pruned(dtype, n, block_d):
+        args = {"q_ptr": torch.empty(0, dtype=dtype), "N": n, "N_KV": n}
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in
+                ma_module._prune_configs(configs, args, BLOCK_D=block_d)]
+
+    assert pruned(torch.bfloat16, 197, 64) == [(64, 32), (64, 64), (128, 64), (128, 128)]
+    assert pruned(torch.float32, 197, 64) == [(64, 32)]
+    assert pruned(torch.bfloat16, 197, 256) == [(64, 32)]
+    assert pruned(torch.bfloat16, 20, 64) == [(64, 32)]  # tiles no larger than the problem needs
+    assert pruned(torch.float32, 1, 256) == [(64, 32)]
