@@ -26,6 +26,9 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "pillow>=10",
+        "matplotlib>=3.7",
+        "scikit-learn>=1.3",
     ],
     extras_require={
         "gpu": ["onnxruntime-gpu>=1.18"],

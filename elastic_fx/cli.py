@@ -52,6 +52,106 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _sparsities(values: List[float]) -> List[float]:
+    from .errors import BudgetError
+
+    for v in values:
+        if not 0 <= v < 1:
+            raise BudgetError(f"sparsity {v} is outside [0, 1): it is the fraction of prunable parameters removed")
+    return values
+
+
+def cmd_score(args) -> int:
+    from .passes.discover import discover
+    from .scoring.local import local_scores
+
+    _, gm = _model_and_graph(args)
+    smap = discover(gm)
+    ls = local_scores(gm, args.images, method=args.method, batch_size=args.batch_size, mode=args.mode,
+                      seed=args.seed, num_images=args.num_images, device=args.device, structures=smap)
+    path = ls.save(args.out)
+    print(f"wrote {path}: {args.method} scores for {len(smap.blocks)} blocks")
+    return 0
+
+
+def _scores_for(args, gm, smap):
+    """--scores FILE (an .efx from prune, or a LocalScores file from score) or a baseline name."""
+    from pathlib import Path
+
+    from .elastic import ElasticScores
+    from .errors import ScoresError
+    from .scoring.local import LocalScores, local_scores
+
+    spec = args.scores
+    if spec in ("magnitude", "lamp", "random"):
+        return ElasticScores.from_local(local_scores(gm, None, method=spec, seed=args.seed, structures=smap,
+                                                     progress=False), smap)
+    if not Path(spec).is_file():
+        raise ScoresError(f"--scores {spec!r} is neither a score file nor one of magnitude, lamp, random")
+    try:
+        return ElasticScores.load(spec, smap)
+    except ScoresError as first:
+        try:
+            return ElasticScores.from_local(LocalScores.load(spec, smap), smap)
+        except ScoresError:
+            raise first from None
+
+
+def cmd_export(args) -> int:
+    from .elastic import ElasticModel
+    from .passes.discover import discover
+
+    _, gm = _model_and_graph(args)
+    smap = discover(gm)
+    scores = _scores_for(args, gm, smap)
+    em = ElasticModel(gm, scores)
+    manifest = em.export_onnx(args.out_dir, _sparsities(args.sparsity), source=args.model, fp16=args.fp16)
+    print(f"{'file':<22} {'sparsity':>8} {'params (M)':>10} {'GFLOPs':>8} {'ORT max|diff|':>13}")
+    for e in manifest["budgets"]:
+        print(f"{e['file']:<22} {e['sparsity']:>8.3f} {e['params'] / 1e6:>10.2f} {e['gflops']:>8.3f} "
+              f"{e['ort_max_abs_diff']:>13.2e}")
+    print(f"manifest: {args.out_dir}/manifest.json")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .search.run import SearchConfig, prune
+
+    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    cfg = SearchConfig(num_images=args.num_images, num_fitness_images=args.fitness_images,
+                       batch_size=args.batch_size, popsize=args.popsize, pca_dim=args.pca_dim)
+    scores = prune(model, args.images, iterations=args.iterations, sparsities=_sparsities(args.sparsities),
+                   seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume, config=cfg,
+                   device=args.device)
+    path = scores.save(args.out)
+    print(f"wrote {path}: best fitness {scores.best_fitness:.4f} after {len(scores.history)} generations "
+          f"(final mean {scores.mean_fitness:.4f})")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .elastic import ElasticScores
+    from .passes.discover import discover
+    from .report import write_report
+
+    _, gm = _model_and_graph(args)
+    smap = discover(gm)
+    scores = ElasticScores.load(args.scores_file, smap)
+    out = Path(args.out_dir or Path(args.scores_file).with_suffix(""))
+    path = write_report(scores, smap, out, title=f"elastic_fx report: {args.model}")
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elastic-fx",
@@ -65,6 +165,62 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print the discovered heads / FFN neurons / GFLOPs per block")
     _add_model(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("score", help="local (diagonal-Hessian) scores of every head and neuron")
+    _add_model(p)
+    p.add_argument("--images", help="image folder (default: procedural synthetic images)")
+    p.add_argument("--out", required=True, help="score file to write (.safetensors)")
+    p.add_argument("--method", default="dino", choices=["dino", "ce", "magnitude", "lamp", "snip", "random"])
+    p.add_argument("--mode", default="per-batch", choices=["per-batch", "per-sample"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("prune", help="local scores + xNES search -> one elastic score file")
+    _add_model(p)
+    p.add_argument("--images", help="image folder (default: procedural synthetic images)")
+    p.add_argument("--out", required=True, help="score file to write (.efx)")
+    p.add_argument("--iterations", type=int, default=50, help="xNES generations (default 50)")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.6])
+    p.add_argument("--num-images", type=int, default=1000, help="images for the gradient pass")
+    p.add_argument("--fitness-images", type=int, default=1000, help="images for the fitness")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--popsize", type=int, default=None, help="xNES population (default 4 + 3 ln d)")
+    p.add_argument("--pca-dim", type=int, default=192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint every generation here")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="one validated ONNX file per budget + manifest.json")
+    _add_model(p)
+    p.add_argument("--scores", default="magnitude",
+                   help="score file (.efx from prune, or from score), or a baseline: magnitude, lamp, random")
+    p.add_argument("--sparsity", type=float, nargs="+", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--fp16", action="store_true", help="export float16 weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="Markdown report with the allocation heatmap and fitness plot")
+    p.add_argument("scores_file")
+    _add_model(p)
+    p.add_argument("--out-dir", default=None, help="default: next to the score file")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a small ViT, synthetic images, a few generations")
+    p.add_argument("--model", default="timm:vit_tiny_patch16_224")
+    p.add_argument("--img-size", type=int, default=96, help="input size for the demo model (speed)")
+    p.add_argument("--images", default=None, help="image folder (default: synthetic images)")
+    p.add_argument("--num-images", type=int, default=32)
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    p.add_argument("--out-dir", default="elastic-fx-demo")
+    p.add_argument("--offline", action="store_true", help="do not try to download pretrained weights")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -184,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"bench": "masked_attention", "torch": torch.__version__, **result}
     if args.json_out:
         write_json_atomic(args.json_out, result)
-    headline = {k: result[k] for k in ("bench", "mode", "device", "C", "B", "dtype", "headline")}
-    if "goals" in result:
-        headline["goals"] = result["goals"]
+    keys = ("bench", "mode", "device", "threads", "C", "B", "dtype", "headline", "goals")
+    headline = {k: result[k] for k in keys if k in result}
     print()
     print(json.dumps(headline))
     return 0

@@ -275,6 +275,16 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
     return _INTERPRETED and dtype == torch.bfloat16
 
 
+def _int32_addressable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a contiguous copy if one (c, b, h) slice spans over 2**31 elements.
+
+    The kernel offsets each slice's base in int64 but the tokens and channels inside it in
+    int32; only exotic layouts (tokens as the outermost axis of a huge tensor) need the copy.
+    """
+    span = (t.shape[3] - 1) * abs(t.stride(3)) + (t.shape[4] - 1) * abs(t.stride(4))
+    return t.contiguous() if span >= 2**31 else t
+
+
 def _use_triton(device: torch.device, backend: str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"masked_attention: backend must be one of {BACKENDS}, got {backend!r}")
@@ -387,6 +397,7 @@ def masked_attention(
     out = torch.empty((C, B, H, N, d), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    q, k, v = (_int32_addressable(t) for t in (q, k, v))
     keep = head_keep.to(device=q.device, dtype=torch.uint8)
     qk_scale = _default_scale(d, scale) * math.log2(math.e)
 

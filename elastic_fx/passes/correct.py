@@ -272,7 +272,6 @@ def correct_linear(
     """
     config = config or CorrectionConfig()
     W, Hd, keep, _ = _prepare(weight, H, keep_cols, config)
-    n = W.shape[1]
     pruned = ~keep
     if not bool(pruned.any()):
         return weight.detach().clone()

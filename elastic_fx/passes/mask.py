@@ -60,7 +60,7 @@ from ..errors import SliceError
 from ..kernels.masked_attention import masked_attention
 from ..structures import AttentionGroup, MlpGroup, StructureMap
 from ..tracing import example_inputs_of
-from ._labels import MUL_LIKE, SDPA_OPS, SOFTMAX_OPS, find_linears, op_name
+from ._labels import SDPA_OPS, SOFTMAX_OPS, find_linears, op_name
 from .slice import normalize_keep
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ DEFAULT_ROWS_PER_FORWARD = 256
 _PROB_PASSTHROUGH = {"identity", "dropout", "to", "type_as", "_to_copy", "float", "contiguous", "clone"}
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _ASSERT_METADATA = {"_assert_tensor_metadata"}
+_SCALE_OPS = {"mul", "rmul", "div", "truediv"}
 
 
 # ============================================================================ attention math
@@ -346,6 +347,7 @@ class _CorePlan:
     scale: Optional[float] = None
     is_causal: bool = False
     k_transposed: bool = False
+    chain: List[fx.Node] = field(default_factory=list)  # explicit cores: the softmax chain, erased after
 
 
 @dataclass
@@ -399,8 +401,9 @@ def _explicit_plan(gm: fx.GraphModule, node: fx.Node, rank: int) -> Tuple[Option
     if op_name(gm, node) != "matmul" or len(node.args) < 2:
         return None, "the core is not a matmul"
     probs, v = node.args[0], node.args[1]
-    x = probs
+    x, chain = probs, []
     while isinstance(x, fx.Node) and op_name(gm, x) in _PROB_PASSTHROUGH:
+        chain.append(x)
         if op_name(gm, x) == "dropout" and (list(x.args) + [None] * 3)[2] not in (False, None):
             return None, "dropout in training mode"
         if _single_user(x) is None or not x.args or not isinstance(x.args[0], fx.Node):
@@ -411,12 +414,14 @@ def _explicit_plan(gm: fx.GraphModule, node: fx.Node, rank: int) -> Tuple[Option
     dim = _softmax_dim(gm, x)
     if not isinstance(dim, int) or dim % rank != rank - 1:
         return None, f"softmax over dim {dim}"
+    chain.append(x)
     logits, scale = x.args[0], 1.0
-    while isinstance(logits, fx.Node) and op_name(gm, logits) in MUL_LIKE and _single_user(logits) is not None:
+    while isinstance(logits, fx.Node) and op_name(gm, logits) in _SCALE_OPS and _single_user(logits) is not None:
         a, b = (list(logits.args) + [None, None])[:2]
         name = op_name(gm, logits)
+        chain.append(logits)
         if isinstance(a, fx.Node) and _number(b) is not None:
-            scale = scale / _number(b) if name in ("div", "truediv") else scale * _number(b)
+            scale = scale * _number(b) if name in ("mul", "rmul") else scale / _number(b)
             logits = a
         elif isinstance(b, fx.Node) and _number(a) is not None and name in ("mul", "rmul"):
             scale, logits = scale * _number(a), b
@@ -424,14 +429,11 @@ def _explicit_plan(gm: fx.GraphModule, node: fx.Node, rank: int) -> Tuple[Option
             return None, "the logits are scaled by a tensor"
     if not isinstance(logits, fx.Node) or op_name(gm, logits) != "matmul" or _single_user(logits) is None:
         return None, "the logits are not a plain q @ kᵀ (a bias or mask is added)"
+    chain.append(logits)
     q, kt = logits.args[0], logits.args[1]
     if not (isinstance(q, fx.Node) and isinstance(kt, fx.Node) and isinstance(v, fx.Node)):
         return None, "q, k or v is not a graph value"
-    return _CorePlan(node, q, kt, v, None, scale, False, k_transposed=True), ""
-
-
-def _out_proj_linears(gm: fx.GraphModule, module: str) -> List[fx.Node]:
-    return [n for n, li in find_linears(gm).items() if li.module == module]
+    return _CorePlan(node, q, kt, v, None, scale, False, k_transposed=True, chain=chain), ""
 
 
 def _owner_columns(group) -> torch.Tensor:
@@ -683,6 +685,9 @@ def _replace_core(model: MaskedModel, bi: int, core: _CorePlan, batch_axis: int)
         new = graph.call_module(name, args)
     core.node.replace_all_uses_with(new)
     graph.erase_node(core.node)
+    for n in core.chain:  # probabilities -> softmax -> scalings -> q @ kᵀ; dropout is never dead code to fx
+        if not n.users:
+            graph.erase_node(n)
     model._head_sinks.setdefault(bi, []).append(mod)
     model.rewrites.append(f"block {bi}: attention core '{core.node.name}' -> masked attention")
 
@@ -697,21 +702,32 @@ def _plan(gm: fx.GraphModule, smap: StructureMap, axes: _BatchAxes, use_kernel: 
     for b in smap.blocks:
         a: Optional[AttentionGroup] = b.attention
         if a is not None and a.kind == "mha":
-            plan.mhas[b.index] = _mha_node(gm, b.index, a)
+            node = _mha_node(gm, b.index, a)
+            if node is None:
+                plan.notes.append(_off_path(b.index, "attention", a.core))
+            else:
+                plan.mhas[b.index] = node
         elif a is not None:
             lins = by_module.get(a.out_proj, [])
             if not lins:
-                raise SliceError(f"block {b.index}: no call of the attention out-projection '{a.out_proj}' in the graph")
-            plan.slots.append(("heads", b.index, a, lins))
-            if use_kernel:
-                _plan_core(gm, plan, b.index, nodes.get(a.core), axes)
+                plan.notes.append(_off_path(b.index, "attention", a.out_proj))
+            else:
+                plan.slots.append(("heads", b.index, a, lins))
+                if use_kernel:
+                    _plan_core(gm, plan, b.index, nodes.get(a.core), axes)
         m: Optional[MlpGroup] = b.mlp
         if m is not None and m.prunable:
             lins = by_module.get(m.out_proj, [])
             if not lins:
-                raise SliceError(f"block {b.index}: no call of the FFN out-projection '{m.out_proj}' in the graph")
-            plan.slots.append(("neurons", b.index, m, lins))
+                plan.notes.append(_off_path(b.index, "FFN", m.out_proj))
+            else:
+                plan.slots.append(("neurons", b.index, m, lins))
     return plan
+
+
+def _off_path(bi: int, what: str, name: str) -> str:
+    return (f"block {bi}: the {what} '{name}' does not feed the embedding (the pooled output ends before it); "
+            "its masks have no effect, as slicing it has none")
 
 
 def _plan_core(gm: fx.GraphModule, plan: _Rewrite, bi: int, core: Optional[fx.Node], axes: _BatchAxes) -> None:
@@ -733,10 +749,10 @@ def _plan_core(gm: fx.GraphModule, plan: _Rewrite, bi: int, core: Optional[fx.No
     plan.cores[bi] = got
 
 
-def _mha_node(gm: fx.GraphModule, bi: int, a: AttentionGroup) -> fx.Node:
+def _mha_node(gm: fx.GraphModule, bi: int, a: AttentionGroup) -> Optional[fx.Node]:
     node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == a.core), None)
     if node is None:
-        raise SliceError(f"block {bi}: attention module '{a.core}' is not called in this graph")
+        return None
     for u in node.users:
         if op_name(gm, u) == "getitem" and u.args[1] == 1 and u.users:
             raise SliceError(

@@ -32,7 +32,6 @@ global search (``local_scores(..., method="fisher")`` is an alias of ``"dino"``)
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,20 +43,17 @@ from .dino import DinoConfig, LossFn
 from .local import (
     LocalScores,
     PassConfig,
-    _batches,
-    _check_finite_grads,
-    _describe_images,
-    _device_of,
-    _grads,
-    _Group,
-    _progress,
-    _scoring_state,
-    _amp,
+    ScoredGroup,
+    batch_gradients,
     build_objective,
+    describe_batch,
+    check_finite_grads,
     new_scores,
     resolve_model,
+    run_batches,
     scored_groups,
     scored_parameters,
+    target_device,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +63,7 @@ __all__ = ["lamp_scores", "magnitude_scores", "random_scores", "snip_scores", "s
 Scores = Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]
 
 
-def sum_per_structure(values: Mapping[str, torch.Tensor], groups: Sequence[_Group]) -> Scores:
+def sum_per_structure(values: Mapping[str, torch.Tensor], groups: Sequence[ScoredGroup]) -> Scores:
     """For every group: ``out[s] = Σ values[name][e]`` over the entries ``e`` structure ``s`` owns.
 
     ``values`` maps parameter names to tensors of the parameter's shape (per-entry scores);
@@ -87,7 +83,7 @@ def sum_per_structure(values: Mapping[str, torch.Tensor], groups: Sequence[_Grou
 
 
 def _data_free(model: nn.Module, structures: Optional[StructureMap], example_inputs: Any
-               ) -> Tuple[nn.Module, StructureMap, Sequence[_Group], Dict[str, nn.Parameter]]:
+               ) -> Tuple[nn.Module, StructureMap, Sequence[ScoredGroup], Dict[str, nn.Parameter]]:
     gm, smap = resolve_model(model, example_inputs, structures)
     groups = scored_groups(smap)
     return gm, smap, groups, scored_parameters(gm, groups)
@@ -168,28 +164,20 @@ def snip_scores(
                                                 preprocess=preprocess)
     groups = scored_groups(smap)
     params = scored_parameters(gm, groups)
-    names, plist = list(params), list(params.values())
-    with _scoring_state(gm, params, cfg.device):
-        dev = _device_of(gm)
-        sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=dev) for n, p in params.items()}
-        bar = _progress(n_images, progress, f"snip/{objective.name}")
-        t0 = time.perf_counter()
-        try:
-            for bi, start, batch, n in _batches(data, batch_size):
-                what = _describe_images(bi, start, n)
-                with _amp(dev, amp_dtype):
-                    loss = objective.fn(gm, batch)
-                grads = _grads(loss, names, plist, what)
-                _check_finite_grads(loss, grads, what, amp_dtype)
-                for name, g in grads.items():
-                    sums[name].add_(g.float(), alpha=float(n))  # image-weighted mean over batches
-                bar.update(n)
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - t0
-        per_entry = {name: (params[name].detach().float() * (sums[name] / n_images)).abs() for name in names}
+    device = target_device(gm, cfg)
+    sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in params.items()}
+
+    def step(bi: int, start: int, batch: Any, n: int) -> float:
+        what = describe_batch(bi, start, n)
+        loss, grads = batch_gradients(gm, objective, batch, params, what, cfg, device)
+        value = check_finite_grads(loss, grads, what, amp_dtype)
+        for name, g in grads.items():
+            sums[name].add_(g.float(), alpha=float(n))  # image-weighted mean over batches
+        return value
+
+    stats = run_batches(gm, params, objective, data, n_images, cfg, step)
+    per_entry = {n: (p.detach().float() * (sums[n].to(p.device) / n_images)).abs() for n, p in params.items()}
     heads, neurons = sum_per_structure(per_entry, groups)
-    config = {"batch_size": batch_size, "seed": seed, "num_images_requested": num_images, "seconds": round(seconds, 3),
-              **objective.extra}
+    config = {"batch_size": batch_size, "seed": seed, "num_images_requested": num_images, **objective.extra, **stats}
     return new_scores(smap, heads, neurons, method="snip", loss=objective.name, mode="per-batch",
                       num_images=n_images, config=config)

@@ -53,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import tempfile
 import time
@@ -65,10 +64,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..data import PREPROCESS_META, PreprocessConfig, as_source, load_tensor, preprocess_config, raw_images
-from ..errors import DataError, ElasticFxError, NumericalError, ScoresError
+from ..data import PREPROCESS_META, PreprocessConfig, TensorSource, as_source, load_tensor, raw_images
+from ..errors import DataError, NumericalError, ScoresError
 from ..kernels.sqgrad import SqgradJob, ghost_sqnorm, sqgrad_accumulate_many
-from ..structures import AttentionGroup, ParamSlice, StructureMap
+from ..structures import ParamSlice, StructureMap
 from ..tracing import EXAMPLE_INPUTS_META, trace
 from .dino import DinoConfig, DinoLoss, LossFn, MultiCropSampler, ce_loss
 
@@ -348,7 +347,7 @@ def new_scores(smap: StructureMap, heads: Mapping[int, torch.Tensor], neurons: M
 
 # ============================================================================ structures
 @dataclass
-class _Group:
+class ScoredGroup:
     """One scored group: the heads of one attention or the neurons of one FFN."""
 
     block: int
@@ -357,16 +356,16 @@ class _Group:
     slices: Tuple[ParamSlice, ...]  # parameter slices only (buffers get no gradient)
 
 
-def scored_groups(smap: StructureMap) -> List[_Group]:
+def scored_groups(smap: StructureMap) -> List[ScoredGroup]:
     """Every prunable group of ``smap`` with the parameter (not buffer) slices it owns."""
     out = []
     for b in smap.blocks:
         for kind, g in b.groups():
-            out.append(_Group(b.index, kind, g.size, tuple(s for s in g.slices if not s.buffer)))
+            out.append(ScoredGroup(b.index, kind, g.size, tuple(s for s in g.slices if not s.buffer)))
     return out
 
 
-def scored_parameters(gm: nn.Module, groups: Sequence[_Group]) -> Dict[str, nn.Parameter]:
+def scored_parameters(gm: nn.Module, groups: Sequence[ScoredGroup]) -> Dict[str, nn.Parameter]:
     """The parameters named by the groups' slices, in first-use order."""
     params: Dict[str, nn.Parameter] = {}
     for g in groups:
@@ -385,7 +384,7 @@ def scored_parameters(gm: nn.Module, groups: Sequence[_Group]) -> Dict[str, nn.P
 class _Buffers:
     """Flat fp32 accumulators, one view per group, for the totals and one batch."""
 
-    def __init__(self, groups: Sequence[_Group], device: torch.device) -> None:
+    def __init__(self, groups: Sequence[ScoredGroup], device: torch.device) -> None:
         sizes = [g.size for g in groups]
         self.total = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
         self.batch = torch.zeros_like(self.total)
@@ -397,7 +396,7 @@ class _Buffers:
         # index tensors on the device, kept alive so the kernel's schedule cache stays valid
         self.index = {id(s): s.index.to(device) for g in groups for s in g.slices}
 
-    def split(self, flat: torch.Tensor, groups: Sequence[_Group]) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
+    def split(self, flat: torch.Tensor, groups: Sequence[ScoredGroup]) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
         heads, neurons = {}, {}
         for g, (a, b) in zip(groups, self.spans):
             (heads if g.kind == "heads" else neurons)[g.block] = flat[a:b].clone()
@@ -442,9 +441,6 @@ def resolve_model(model: nn.Module, example_inputs: Any = None,
     if not isinstance(model, nn.Module):
         raise ScoresError(f"model must be a torch.nn.Module or a traced GraphModule, got {type(model).__name__}.")
     gm = model if isinstance(model, fx.GraphModule) and EXAMPLE_INPUTS_META in model.meta else trace(model, example_inputs)
-    if gm is not model and PREPROCESS_META not in gm.meta:
-        with contextlib.suppress(ElasticFxError):
-            gm.meta[PREPROCESS_META] = preprocess_config(model)
     smap = structures if structures is not None else gm.meta.get(STRUCTURE_META) or discover(gm)
     return gm, smap
 
@@ -511,7 +507,7 @@ def _take(batch: Any, j: int) -> Any:
 def _labelled(images: Any, labels: Any, cfg: PreprocessConfig, num_images: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed images and their labels, subsampled together."""
     source = as_source(images)
-    if not hasattr(source, "images"):
+    if not isinstance(source, TensorSource):
         raise DataError(
             "labels need images given as a tensor [N, 3, H, W] in the same order (a folder has no defined "
             "label order); load them first, e.g. efx.data.load_tensor(folder, cfg)."
@@ -546,7 +542,11 @@ def build_objective(gm: fx.GraphModule, smap: StructureMap, method: str, loss_fn
         else:
             data = load_tensor(source, pre, cfg.num_images, seed=cfg.seed)
         name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
-        return _Objective(loss_fn, name, "custom"), data, len(data[0] if isinstance(data, tuple) else data)
+
+        def custom(model: nn.Module, batch: Any) -> torch.Tensor:
+            return loss_fn(model, _to_device(batch, _device_of(model)))
+
+        return _Objective(custom, name, "custom"), data, len(data[0] if isinstance(data, tuple) else data)
     if method == "ce":
         if labels is None:
             raise ScoresError("method='ce' needs labels=<int tensor [N]>; use method='dino' for label-free scores.")
@@ -572,6 +572,23 @@ def build_objective(gm: fx.GraphModule, smap: StructureMap, method: str, loss_fn
     data = raw_images(source, cfg.num_images, seed=cfg.seed)
     extra = {"dino": asdict(dcfg), "preprocess": pre.to_dict()}
     return _Objective(dino_objective, "dino", "dino", module=emb, views=dcfg.n_views, extra=extra), data, len(data)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, tuple):
+        return tuple(_to_device(b, device) for b in batch)
+    return batch
+
+
+def _example_from(images: Any, preprocess: Optional[PreprocessConfig]) -> Any:
+    """Example inputs for tracing a raw module: two of the given preprocessed images, if any."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
+        return (images[:2].float(),)
+    if preprocess is not None:
+        return (torch.randn(2, 3, *preprocess.input_size, generator=torch.Generator().manual_seed(0)),)
+    return None
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -625,7 +642,7 @@ def _amp(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _jobs(groups: Sequence[_Group], bufs: _Buffers, grads: Mapping[str, torch.Tensor]) -> List[SqgradJob]:
+def _jobs(groups: Sequence[ScoredGroup], bufs: _Buffers, grads: Mapping[str, torch.Tensor]) -> List[SqgradJob]:
     jobs = []
     for g, out in zip(groups, bufs.batch_views):
         for s in g.slices:
@@ -635,7 +652,7 @@ def _jobs(groups: Sequence[_Group], bufs: _Buffers, grads: Mapping[str, torch.Te
     return jobs
 
 
-def _describe_images(bi: int, start: int, n: int) -> str:
+def describe_batch(bi: int, start: int, n: int) -> str:
     return f"batch {bi} (image {start})" if n == 1 else f"batch {bi} (images {start}-{start + n - 1})"
 
 
@@ -679,7 +696,7 @@ def _check_batch(loss: torch.Tensor, buf: torch.Tensor, grads: Mapping[str, torc
     return float(lv)
 
 
-def _check_finite_grads(loss: torch.Tensor, grads: Mapping[str, torch.Tensor], what: str,
+def check_finite_grads(loss: torch.Tensor, grads: Mapping[str, torch.Tensor], what: str,
                         amp_dtype: Optional[torch.dtype]) -> float:
     """Like :func:`_check_batch`, for raw gradients (one sync)."""
     lv = loss.detach().float().reshape(())
@@ -689,32 +706,35 @@ def _check_finite_grads(loss: torch.Tensor, grads: Mapping[str, torch.Tensor], w
     return float(lv)
 
 
-def fisher_pass(gm: fx.GraphModule, smap: StructureMap, objective: _Objective, data: Any, n_images: int,
-                cfg: PassConfig) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor], dict]:
-    """Σ g² per structure over the data (see the module docstring). Returns (heads, neurons, stats)."""
-    groups = scored_groups(smap)
-    params = scored_parameters(gm, groups)
-    names, plist = list(params), list(params.values())
-    ghost = None
-    if cfg.mode == "per-sample":
-        ghost = _GhostPlan.build(gm, objective, groups, params, cfg.per_sample)
+def target_device(gm: nn.Module, cfg: PassConfig) -> torch.device:
+    """Where the pass runs: ``cfg.device``, else where the model's parameters are."""
+    return cfg.device if cfg.device is not None else _device_of(gm)
+
+
+def batch_gradients(gm: nn.Module, objective: _Objective, batch: Any, params: Mapping[str, nn.Parameter],
+                    what: str, cfg: PassConfig, device: torch.device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Forward (under autocast if asked) and ``torch.autograd.grad``: ``(loss, {name: grad})``."""
+    with _amp(device, cfg.amp_dtype):
+        loss = objective.fn(gm, batch)
+    return loss, _grads(loss, list(params), list(params.values()), what)
+
+
+def run_batches(gm: nn.Module, params: Mapping[str, nn.Parameter], objective: _Objective, data: Any,
+                n_images: int, cfg: PassConfig, step: Callable[[int, int, Any, int], float]) -> dict:
+    """Call ``step(batch_index, first_image, batch, n)`` on every batch, in the scoring state.
+
+    Gradients only for ``params``, eval mode, the model on ``cfg.device`` (all restored
+    afterwards, also on errors); a progress bar in images/s. ``step`` returns the batch's
+    loss. Returns timing statistics.
+    """
+    losses: List[float] = []
     with _scoring_state(gm, params, cfg.device):
         device = _device_of(gm)
-        bufs = _Buffers(groups, device)
         bar = _progress(n_images, cfg.progress, objective.name)
-        losses: List[float] = []
         t0 = time.perf_counter()
         try:
             for bi, start, batch, n in _batches(data, cfg.batch_size):
-                what = _describe_images(bi, start, n)
-                if cfg.mode == "per-batch":
-                    losses.append(_step(gm, objective, batch, names, plist, groups, bufs, what, cfg, device))
-                elif ghost is not None:
-                    losses.append(ghost.step(gm, objective, batch, n, plist, names, bufs, what, cfg, device))
-                else:
-                    for j in range(n):
-                        losses.append(_step(gm, objective, _take(batch, j), names, plist, groups, bufs,
-                                            _describe_images(bi, start + j, 1), cfg, device))
+                losses.append(step(bi, start, batch, n))
                 bar.update(n)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
         finally:
@@ -722,22 +742,42 @@ def fisher_pass(gm: fx.GraphModule, smap: StructureMap, objective: _Objective, d
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-        heads, neurons = bufs.split(bufs.total, groups)
-    stats = {
+    return {
         "seconds": round(seconds, 3), "images_per_s": round(n_images / max(seconds, 1e-9), 2),
-        "mean_loss": float(sum(losses) / max(len(losses), 1)),
-        "per_sample": None if cfg.mode == "per-batch" else ("ghost" if ghost is not None else "loop"),
-        "device": str(device),
+        "mean_loss": float(sum(losses) / max(len(losses), 1)), "device": str(device),
     }
+
+
+def fisher_pass(gm: fx.GraphModule, smap: StructureMap, objective: _Objective, data: Any, n_images: int,
+                cfg: PassConfig) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor], dict]:
+    """Σ g² per structure over the data (see the module docstring). Returns (heads, neurons, stats)."""
+    groups = scored_groups(smap)
+    params = scored_parameters(gm, groups)
+    device = target_device(gm, cfg)
+    bufs = _Buffers(groups, device)
+    ghost = _GhostPlan.build(gm, objective, groups, params, cfg.per_sample) if cfg.mode == "per-sample" else None
+
+    def step(bi: int, start: int, batch: Any, n: int) -> float:
+        if cfg.mode == "per-batch":
+            return _fisher_step(gm, objective, batch, params, groups, bufs, describe_batch(bi, start, n), cfg,
+                                device)
+        if ghost is not None:
+            return ghost.step(gm, objective, batch, n, params, bufs, describe_batch(bi, start, n), cfg, device)
+        losses = [_fisher_step(gm, objective, _take(batch, j), params, groups, bufs,
+                               describe_batch(bi, start + j, 1), cfg, device) for j in range(n)]
+        return sum(losses) / n
+
+    stats = run_batches(gm, params, objective, data, n_images, cfg, step)
+    stats["per_sample"] = None if cfg.mode == "per-batch" else ("ghost" if ghost is not None else "loop")
+    heads, neurons = bufs.split(bufs.total, groups)
     return heads, neurons, stats
 
 
-def _step(gm: nn.Module, objective: _Objective, batch: Any, names: Sequence[str], plist: Sequence[nn.Parameter],
-          groups: Sequence[_Group], bufs: _Buffers, what: str, cfg: PassConfig, device: torch.device) -> float:
+def _fisher_step(gm: nn.Module, objective: _Objective, batch: Any, params: Mapping[str, nn.Parameter],
+                 groups: Sequence[ScoredGroup], bufs: _Buffers, what: str, cfg: PassConfig,
+                 device: torch.device) -> float:
     """One forward/backward; adds the squared gradients of ``batch``'s loss to the totals."""
-    with _amp(device, cfg.amp_dtype):
-        loss = objective.fn(gm, batch)
-    grads = _grads(loss, names, plist, what)
+    loss, grads = batch_gradients(gm, objective, batch, params, what, cfg, device)
     bufs.batch.zero_()
     sqgrad_accumulate_many(_jobs(groups, bufs, grads), backend=cfg.backend)
     value = _check_batch(loss, bufs.batch, grads, what, cfg.amp_dtype)
@@ -766,14 +806,14 @@ class _GhostPlan:
     """Per-sample squared gradients of ``nn.Linear`` parameters via forward/grad hooks."""
 
     def __init__(self, linears: Dict[str, _GhostLinear], owner: Dict[str, Tuple[str, str]], views: int,
-                 groups: Sequence[_Group]) -> None:
+                 groups: Sequence[ScoredGroup]) -> None:
         self.linears = linears
         self.owner = owner  # parameter name -> (linear name, "weight" | "bias")
         self.views = views  # rows per image the linear layers see (view-major)
         self.groups = list(groups)
 
     @classmethod
-    def build(cls, gm: fx.GraphModule, objective: _Objective, groups: Sequence[_Group],
+    def build(cls, gm: fx.GraphModule, objective: _Objective, groups: Sequence[ScoredGroup],
               params: Mapping[str, nn.Parameter], choice: str) -> Optional["_GhostPlan"]:
         """A plan when the ghost path applies; None (micro-batches) otherwise, or raise for choice='ghost'."""
         if choice == "loop":
@@ -819,8 +859,9 @@ class _GhostPlan:
                 return f"linear layer {mod!r} is called {calls.get(mod, 0)} times"
         return None
 
-    def step(self, gm: nn.Module, objective: _Objective, batch: Any, n: int, plist: Sequence[nn.Parameter],
-             names: Sequence[str], bufs: _Buffers, what: str, cfg: PassConfig, device: torch.device) -> float:
+    def step(self, gm: nn.Module, objective: _Objective, batch: Any, n: int, params: Mapping[str, nn.Parameter],
+             bufs: _Buffers, what: str, cfg: PassConfig, device: torch.device) -> float:
+        """One forward/backward with capture hooks; adds per-image squared gradients to the totals."""
         for gl in self.linears.values():
             w = gl.module.weight
             gl.rows = torch.zeros(w.shape[0], dtype=torch.float32, device=device)
@@ -829,9 +870,7 @@ class _GhostPlan:
         handles = [gl.module.register_forward_hook(self._forward_hook(gl, n, cfg.backend))
                    for gl in self.linears.values()]
         try:
-            with _amp(device, cfg.amp_dtype):
-                loss = objective.fn(gm, batch)
-            grads = _grads(loss, names, plist, what)
+            loss, grads = batch_gradients(gm, objective, batch, params, what, cfg, device)
         finally:
             for h in handles:
                 h.remove()
@@ -943,6 +982,10 @@ def local_scores(
     cfg = PassConfig(batch_size=batch_size, mode=mode, seed=seed, num_images=num_images,
                      device=None if device is None else torch.device(device), progress=progress,
                      amp_dtype=amp_dtype, backend=backend, per_sample=per_sample)
+    if example_inputs is None and not (isinstance(model, fx.GraphModule) and EXAMPLE_INPUTS_META in model.meta):
+        example_inputs = _example_from(images, preprocess)
+        if example_inputs is not None:
+            example_inputs = tuple(t.to(_device_of(model)) for t in example_inputs)
     gm, smap = resolve_model(model, example_inputs, structures)
     if method in ("magnitude", "lamp", "random", "snip"):
         from . import baselines

@@ -90,12 +90,14 @@ def test_kernel_matches_reference(shape, dtype, atol, rtol):
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLS, ids=DTYPE_IDS)
-def test_keep_all_equals_sdpa(dtype, atol, rtol):
+def test_keep_all_equals_sdpa(dtype, atol, rtol, backend):
     shape = (2, 2, 3, 19, 19, 32) if not CUDA else (3, 4, 12, 197, 197, 64)
     q, k, v = _qkv(shape, dtype, seed=1)
     keep = torch.ones(shape[0], shape[2], dtype=torch.bool, device=DEVICE)
-    out = masked_attention(q, k, v, keep, backend="triton")
+    out = masked_attention(q, k, v, keep, backend=backend)
+    assert out.is_contiguous() and out.dtype == dtype
     torch.testing.assert_close(out.float(), _dense_sdpa(q, k, v), atol=atol, rtol=rtol)
 
 
@@ -107,6 +109,7 @@ def test_masked_pairs_are_exact_zeros_and_never_read():
     poisoned = [t.clone() for t in (q, k, v)]
     for t in poisoned:
         t.permute(0, 2, 1, 3, 4)[~keep] = float("nan")  # [C, H, B, N, d] view: masked (c, h) rows
+        assert torch.isnan(t[1, :, 1]).all() and not torch.isnan(t[1, :, 0]).any()
     for backend in ("triton", "torch"):
         out = masked_attention(*poisoned, keep, backend=backend)
         masked = out.permute(0, 2, 1, 3, 4)[~keep]
