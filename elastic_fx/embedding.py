@@ -116,6 +116,9 @@ def _probe_rank(gm: fx.GraphModule, graph: fx.Graph, out: fx.Node) -> int:
             "cannot tell the shape of the embedding node: this GraphModule carries no example inputs; "
             "create it with efx.trace(model, example_inputs)"
         )
+    param = next(gm.parameters(), None)
+    if param is not None:  # the model may have moved since it was traced
+        example = tuple(x.to(param.device) if isinstance(x, torch.Tensor) else x for x in example)
     with torch.no_grad():
         value = probe(*example)
     if not isinstance(value, torch.Tensor):

@@ -65,8 +65,15 @@ class _Tracer(fx.Tracer):
 def default_example_inputs(model: nn.Module, batch_size: int = 2) -> Tuple[torch.Tensor]:
     """A random image batch at the model's own input size (see ``data.preprocess_config``)."""
     from .data import preprocess_config
+    from .errors import DataError
 
-    cfg = preprocess_config(model)
+    try:
+        cfg = preprocess_config(model)
+    except DataError as e:
+        raise TracingError(
+            f"cannot tell the input size of {type(model).__name__} ({e}); pass example_inputs, e.g. "
+            "efx.trace(model, (torch.randn(2, 3, 224, 224),))"
+        ) from e
     h, w = cfg.input_size
     try:
         p = next(model.parameters())

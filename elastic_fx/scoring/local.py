@@ -73,7 +73,23 @@ from .dino import DinoConfig, DinoLoss, LossFn, MultiCropSampler, ce_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalScores", "local_scores", "METHODS", "MODES", "SCORES_FORMAT"]
+__all__ = [
+    "METHODS",
+    "MODES",
+    "SCORES_FORMAT",
+    "LocalScores",
+    "PassConfig",
+    "ScoredGroup",
+    "batch_gradients",
+    "build_objective",
+    "fisher_pass",
+    "local_scores",
+    "new_scores",
+    "resolve_model",
+    "run_batches",
+    "scored_groups",
+    "scored_parameters",
+]
 
 #: Methods :func:`local_scores` understands; ``"fisher"`` is an alias of ``"dino"``
 #: (the DINO local scores used without the global search).
@@ -119,6 +135,10 @@ class LocalScores:
     fingerprint: str
     blocks: List[dict]
     config: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"LocalScores(method={self.method!r}, mode={self.mode!r}, images={self.num_images}, "
+                f"blocks={len(self.blocks)}, model={self.fingerprint})")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -178,7 +198,8 @@ class LocalScores:
         if smap.fingerprint() == self.fingerprint:
             return
         mine = _blocks_description(smap)
-        where = self.config.get("path", "these scores")
+        path = self.config.get("path")
+        where = f"the scores in {path!r}" if path else "these scores"
         hint = "Recompute the scores for this model with efx.local_scores(model, images)."
         if len(mine) != len(self.blocks):
             raise ScoresError(
@@ -797,9 +818,9 @@ def _progress(total: int, enabled: bool, name: str):
 class _GhostLinear:
     module: nn.Linear
     name: str  # qualified module name
-    rows: torch.Tensor = None  # fp32 [out]
-    cols: torch.Tensor = None  # fp32 [in]
-    bias: torch.Tensor = None  # fp32 [out]
+    rows: Optional[torch.Tensor] = None  # fp32 [out]: Σ_i ||W_i[j, :]||², this batch
+    cols: Optional[torch.Tensor] = None  # fp32 [in]: Σ_i ||W_i[:, c]||²
+    bias: Optional[torch.Tensor] = None  # fp32 [out]: Σ_i b_i[j]²
 
 
 class _GhostPlan:

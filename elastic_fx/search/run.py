@@ -89,6 +89,7 @@ def prune(
     device: Optional[str] = None,
     progress: bool = True,
     example_inputs: Any = None,
+    preprocess: Any = None,
 ):
     """Score every head and FFN neuron without labels and search the global reweighting.
 
@@ -105,21 +106,26 @@ def prune(
         config: a :class:`SearchConfig` for everything else (overrides the keywords above
             only where they are left at their defaults).
         local: precomputed LocalScores (skips the gradient pass).
+        preprocess: a :class:`~elastic_fx.data.PreprocessConfig`; default: the model's own
+            (timm / Hugging Face / torchvision config), or, for images given as a
+            preprocessed tensor, that tensor's size.
 
     Returns:
         ElasticScores.
     """
-    from ..data import load_tensor, preprocess_config
+    from ..data import load_tensor
     from ..elastic import ElasticScores, _atomic_write
     from ..embedding import embedding_module
     from ..passes.discover import discover
     from ..passes.mask import build_masked, masked_embeddings
     from ..scoring.local import local_scores
-    from ..tracing import PREPROCESS_META, trace
+    from ..tracing import trace
 
     cfg = config or SearchConfig()
     cfg.iterations, cfg.sparsities, cfg.seed = iterations, tuple(sparsities), seed
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if example_inputs is None and isinstance(images, torch.Tensor) and images.is_floating_point() and images.dim() == 4:
+        example_inputs = (images[:2].clone(),)
     gm = trace(model, example_inputs)
     smap = discover(gm)
     _validate(cfg, smap)
@@ -131,20 +137,21 @@ def prune(
     if resume and state is None:
         raise ElasticFxError(f"resume=True but no checkpoint found at {ckpt_path}; run without resume first")
 
+    fit_src = fitness_images if fitness_images is not None else images
+    pre = _preprocess(gm, fit_src, preprocess)
+
     # 1. local scores
     t0 = time.time()
     if state is not None:
         local = state["local"]
     elif local is None:
         local = local_scores(gm, images, batch_size=cfg.batch_size, seed=seed, num_images=cfg.num_images,
-                             device=str(dev), progress=progress)
+                             device=str(dev), progress=progress, preprocess=pre, structures=smap)
     heads_l = {b: t.double() for b, t in local.head_means.items()}
     neurons_l = {b: t.double() for b, t in local.neuron_means.items()}
     t_local = time.time() - t0
 
     # 2. fitness images and the dense reference
-    pre = gm.meta.get(PREPROCESS_META) or preprocess_config(gm)
-    fit_src = fitness_images if fitness_images is not None else images
     fit_x = load_tensor(fit_src, pre, cfg.num_fitness_images, seed=seed + 1)
     embed = embedding_module(gm, smap).to(dev).eval()
     with torch.no_grad():
@@ -221,6 +228,24 @@ def prune(
     return scores
 
 
+def _preprocess(gm, images: Any, explicit: Any):
+    """The model's preprocessing; for already-preprocessed tensors their size is enough."""
+    from ..data import PreprocessConfig, preprocess_config
+    from ..errors import DataError
+    from ..tracing import PREPROCESS_META
+
+    if explicit is not None:
+        return explicit
+    if gm.meta.get(PREPROCESS_META) is not None:
+        return gm.meta[PREPROCESS_META]
+    try:
+        return preprocess_config(gm)
+    except DataError:
+        if isinstance(images, torch.Tensor) and images.is_floating_point() and images.dim() == 4:
+            return PreprocessConfig(input_size=tuple(images.shape[-2:]), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        raise
+
+
 def _jsonable(d: Dict[str, Any]) -> Dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -273,9 +298,12 @@ def _load_checkpoint(path: Optional[Path], smap: StructureMap, cfg: SearchConfig
     if state.get("fingerprint") != smap.fingerprint():
         raise ScoresError(f"checkpoint {path} belongs to a different model; use another --checkpoint-dir")
     saved = state.get("config", {})
+    def norm(v):
+        return [float(x) for x in v] if isinstance(v, (tuple, list)) else v
+
     for key in ("sparsities", "seed", "popsize", "pca_dim"):
-        mine = list(getattr(cfg, key)) if isinstance(getattr(cfg, key), (tuple, list)) else getattr(cfg, key)
-        if saved.get(key) != mine:
+        mine = norm(getattr(cfg, key))
+        if norm(saved.get(key)) != mine:
             raise ScoresError(
                 f"checkpoint {path} was written with {key}={saved.get(key)!r}, this run asks for {mine!r}; "
                 "resume with the same settings or start a new run"

@@ -158,6 +158,22 @@ def test_default_dino_scores_equal_an_eager_loop_with_the_same_crops(traced):
     assert ls.method == "dino" and ls.loss == "dino" and ls.config["dino"]["n_local"] == 2
 
 
+def test_the_triton_kernel_gives_the_scores_of_the_pytorch_path(traced):
+    # One batched launch over every structure's slices, into views of one flat buffer.
+    if torch.cuda.is_available():
+        device = "cuda"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        device = "cpu"
+    else:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by conftest without CUDA)")
+    _, gm, _ = traced("hand_separate_qkv")
+    x = _images(4)
+    kw = dict(loss_fn=_output_loss, batch_size=2, progress=False, device=device)
+    ref = local_scores(gm, x, backend="torch", **kw)
+    fused = local_scores(gm, x, backend="triton", **kw)
+    _assert_scores(fused, (ref.head_scores, ref.neuron_scores), rtol=1e-5)
+
+
 def test_only_structure_parameters_get_gradients_and_state_is_restored(traced):
     model, gm, smap = traced("hand_separate_qkv")
     seen = []

@@ -1,0 +1,95 @@
+"""prune(): the search end to end on a tiny model, resume, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+import elastic_fx as efx
+from elastic_fx.search.run import SearchConfig, prune
+from zoo import build
+
+SPARSITIES = (0.2, 0.5)
+
+
+def config():
+    return SearchConfig(num_images=8, num_fitness_images=10, batch_size=4, pca_dim=6)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, _ = build("timm_vit")
+    images = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return model, images
+
+
+@pytest.fixture(scope="module")
+def result(setup):
+    model, images = setup
+    return prune(model, images, iterations=3, sparsities=SPARSITIES, config=config(), progress=False)
+
+
+def test_prune_returns_one_ranking_with_history(result, setup):
+    assert len(result.history) == 3
+    assert result.sparsities == SPARSITIES
+    assert result.c.shape == (2 + 2 * 3,)  # 2 FFN factors + 6 heads
+    best = max(h["best"] for h in result.history)
+    assert result.best_fitness == pytest.approx(best)
+    assert all(h["best_so_far"] <= result.best_fitness + 1e-12 for h in result.history)
+    assert 0 < result.best_fitness <= 1 and result.mean_fitness is not None
+    assert result.config["popsize"] == 4 + int(np.floor(3 * np.log(8)))
+
+
+def test_best_candidate_fitness_is_reproducible_from_sliced_models(result, setup):
+    """The fitness the search reports equals the PCA cosine of physically sliced models."""
+    from elastic_fx.embedding import embedding_module
+    from elastic_fx.search.fitness import PCACosineFitness
+
+    model, images = setup
+    gm = efx.trace(model, (images[:2],))
+    smap = efx.discover(gm)
+    x = images  # load_tensor passes preprocessed tensors through; 10 <= num_fitness_images
+    with torch.no_grad():
+        dense = embedding_module(gm, smap)(x)
+        fit = PCACosineFitness(dense, dim=6)
+        per_s = []
+        for s in SPARSITIES:
+            small = efx.slice(gm, smap, result.keep(smap, s))
+            per_s.append(float(fit(embedding_module(small, efx.discover(small))(x)[None])[0]))
+    assert np.mean(per_s) == pytest.approx(result.best_fitness, abs=1e-4)
+
+
+def test_resume_gives_the_uninterrupted_result(result, setup, tmp_path):
+    model, images = setup
+    prune(model, images, iterations=1, sparsities=SPARSITIES, config=config(), checkpoint_dir=tmp_path, progress=False)
+    assert (tmp_path / "search_checkpoint.pt").is_file()
+    resumed = prune(model, images, iterations=3, sparsities=SPARSITIES, config=config(), checkpoint_dir=tmp_path,
+                    resume=True, progress=False)
+    assert np.array_equal(resumed.c, result.c)
+    assert [h["best"] for h in resumed.history] == [h["best"] for h in result.history]
+
+
+def test_resume_refuses_other_settings(setup, tmp_path):
+    model, images = setup
+    prune(model, images, iterations=1, sparsities=SPARSITIES, config=config(), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(efx.ScoresError, match="sparsities"):
+        prune(model, images, iterations=2, sparsities=(0.3,), config=config(), checkpoint_dir=tmp_path,
+              resume=True, progress=False)
+    with pytest.raises(efx.ElasticFxError, match="no checkpoint"):
+        prune(model, images, iterations=2, sparsities=SPARSITIES, config=config(), checkpoint_dir=tmp_path / "none",
+              resume=True, progress=False)
+
+
+@pytest.mark.parametrize("bad", [(1.0,), (-0.1,), (0.999,), ()])
+def test_bad_search_sparsities(bad, setup):
+    model, images = setup
+    with pytest.raises(efx.BudgetError):
+        prune(model, images, iterations=1, sparsities=bad, config=config(), progress=False)
+
+
+def test_fewer_fitness_images_than_pca_dims_lowers_the_dimension(setup, caplog):
+    model, images = setup
+    cfg = config()
+    cfg.pca_dim = 192
+    out = prune(model, images, iterations=1, sparsities=(0.3,), config=cfg, progress=False)
+    assert out.config["pca_dim"] < 10
+    assert any("PCA" in r.getMessage() or "dim" in r.getMessage() for r in caplog.records)
