@@ -18,6 +18,8 @@ from .errors import (
 from .elastic import ElasticModel, ElasticScores
 from .exporters.onnx import ExportReport, export_onnx
 from .passes.discover import discover
+from .scoring.local import LocalScores, local_scores
+from .search.run import SearchConfig, prune
 from .passes.slice import slice_graph as slice
 from .structures import AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap
 from .tracing import register_leaf_module, register_no_trace_function, trace
@@ -27,6 +29,10 @@ __all__ = [
     "ElasticModel",
     "ElasticScores",
     "ExportReport",
+    "LocalScores",
+    "SearchConfig",
+    "local_scores",
+    "prune",
     "Floors",
     "achieved",
     "budget_masks",

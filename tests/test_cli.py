@@ -1,0 +1,74 @@
+"""The elastic-fx command: each subcommand on a tiny model from a factory file."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from elastic_fx.cli import main
+
+FACTORY = textwrap.dedent(
+    """
+    import timm
+
+    def tiny():
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                 embed_dim=48, num_heads=3, num_classes=5)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    d = tmp_path_factory.mktemp("factory")
+    (d / "models.py").write_text(FACTORY)
+    return f"{d / 'models.py'}:tiny"
+
+
+def test_inspect_prints_the_structure_table(spec, capsys):
+    assert main(["inspect", spec]) == 0
+    out = capsys.readouterr().out
+    assert "2 blocks, 6 heads" in out and "GFLOPs" in out and "blocks.0.attn.proj" in out
+
+
+def test_export_magnitude_budgets(spec, tmp_path, capsys):
+    assert main(["export", spec, "--scores", "magnitude", "--sparsity", "0.2", "0.5", "--out-dir", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [e["file"] for e in manifest["budgets"]] == ["sparsity_20.onnx", "sparsity_50.onnx"]
+    assert all((tmp_path / e["file"]).is_file() for e in manifest["budgets"])
+    assert "sparsity_50.onnx" in capsys.readouterr().out
+
+
+def test_prune_then_export_then_report(spec, tmp_path, capsys):
+    scores = tmp_path / "s.efx"
+    args = ["prune", spec, "--out", str(scores), "--iterations", "1", "--sparsities", "0.3",
+            "--num-images", "4", "--fitness-images", "6", "--batch-size", "2", "--pca-dim", "4"]
+    assert main(args) == 0
+    assert scores.is_file()
+    assert main(["export", spec, "--scores", str(scores), "--sparsity", "0.3", "--out-dir", str(tmp_path / "onnx")]) == 0
+    assert main(["report", str(scores), spec, "--out-dir", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "allocation.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["inspect", "timm:not_a_model_xyz"], "timm has no model"),
+        (["inspect", "nonsense"], "is not one of"),
+        (["inspect", "missing.py:f"], "no such file"),
+        (["export", "SPEC", "--sparsity", "1.2", "--out-dir", "OUT"], "outside [0, 1)"),
+        (["export", "SPEC", "--scores", "nope.efx", "--sparsity", "0.2", "--out-dir", "OUT"], "neither a score file"),
+    ],
+)
+def test_errors_are_one_clear_line(argv, needle, spec, tmp_path, capsys):
+    argv = [spec if a == "SPEC" else str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "elastic_fx.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "elastic_fx" in out.stdout
