@@ -16,6 +16,7 @@ from .errors import (
     TracingError,
 )
 from .elastic import ElasticModel, ElasticScores
+from .embedding import embedding_module
 from .exporters.onnx import ExportReport, export_onnx
 from .passes.discover import discover
 from .scoring.local import LocalScores, local_scores
@@ -36,6 +37,7 @@ __all__ = [
     "Floors",
     "achieved",
     "budget_masks",
+    "embedding_module",
     "export_onnx",
     "max_sparsity",
     "nested_masks",

@@ -15,6 +15,8 @@ except Exception:  # pragma: no cover - torch is a hard dependency
 
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The test models are tiny: one thread avoids oversubscription overhead on small CPUs.
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
