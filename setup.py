@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["elastic_fx", "elastic_fx.*"]),
     install_requires=[
-        "torch>=2.5",
+        "torch>=2.6",
         # Triton ships wheels for Linux x86-64/aarch64 only; elsewhere the kernels fall back to PyTorch.
         "triton>=3.1; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'",
         "timm>=1.0",

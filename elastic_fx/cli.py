@@ -6,7 +6,7 @@
     elastic-fx export MODEL --scores FILE --sparsity ... --out-dir DIR   one ONNX per budget
     elastic-fx eval MODEL --scores FILE --sparsity ... --train DIR --test DIR
     elastic-fx report SCORES_FILE                            Markdown report with plots
-    elastic-fx import-scores FILE --model MODEL --out scores.efx
+    elastic-fx import-scores FILE --model MODEL --out scores.efx   (reference code's score files)
     elastic-fx demo                                          the whole pipeline on a small ViT
 """
 
@@ -105,12 +105,37 @@ def cmd_export(args) -> int:
     smap = discover(gm)
     scores = _scores_for(args, gm, smap)
     em = ElasticModel(gm, scores)
-    manifest = em.export_onnx(args.out_dir, _sparsities(args.sparsity), source=args.model, fp16=args.fp16)
+    correction = None
+    if args.correct:
+        from .passes.correct import CorrectionConfig
+
+        correction = CorrectionConfig(damping=args.damping, max_images=args.calibration_images)
+    manifest = em.export_onnx(args.out_dir, _sparsities(args.sparsity), source=args.model, fp16=args.fp16,
+                              correct=args.correct, calibration=args.calibration, correction=correction)
     print(f"{'file':<22} {'sparsity':>8} {'params (M)':>10} {'GFLOPs':>8} {'ORT max|diff|':>13}")
     for e in manifest["budgets"]:
         print(f"{e['file']:<22} {e['sparsity']:>8.3f} {e['params'] / 1e6:>10.2f} {e['gflops']:>8.3f} "
               f"{e['ort_max_abs_diff']:>13.2e}")
     print(f"manifest: {args.out_dir}/manifest.json")
+    return 0
+
+
+def cmd_import_scores(args) -> int:
+    from .elastic import from_reference
+    from .interop import load_reference_scores
+    from .passes.discover import discover
+
+    ref = load_reference_scores(args.file)
+    print(f"reference scores: {ref.describe()}")
+    if args.model is None:
+        from .errors import ScoresError
+
+        hint = f" (the file says it is for timm:{ref.timm_model})" if ref.timm_model else ""
+        raise ScoresError(f"pass --model MODEL, the model these scores belong to{hint}")
+    _, gm = _model_and_graph(args)
+    smap = discover(gm)
+    path = from_reference(ref, smap).save(args.out)
+    print(f"wrote {path}")
     return 0
 
 
@@ -202,8 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, nargs="+", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--fp16", action="store_true", help="export float16 weights")
+    p.add_argument("--correct", action="store_true",
+                   help="SparseGPT-style weight correction of the out-projections before slicing")
+    p.add_argument("--calibration", help="image folder for --correct")
+    p.add_argument("--calibration-images", type=int, default=1000)
+    p.add_argument("--damping", default="mean", choices=["mean", "max"],
+                   help="correction damping: mean (p=0.01) or max (p=0.1, for models with Hessian outliers)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-scores", help="convert a reference (SnapViT) score file to an .efx score file")
+    p.add_argument("file", help="the reference code's score file (.pt; loaded without executing code)")
+    p.add_argument("--model", dest="model", default=None, help=f"the model the scores belong to: {SPEC_HELP}")
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--checkpoint")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import_scores)
 
     p = sub.add_parser("report", help="Markdown report with the allocation heatmap and fitness plot")
     p.add_argument("scores_file")

@@ -97,7 +97,7 @@ class ElasticScores:
         for name, d in (("head_sums", self.head_sums), ("neuron_sums", self.neuron_sums),
                         ("head_means", self.head_means), ("neuron_means", self.neuron_means)):
             for b, t in d.items():
-                tensors[f"{name}.{b}"] = t.detach().to(torch.float64).contiguous().cpu()
+                tensors[f"{name}.{b}"] = t.detach().to(torch.float64).cpu().clone()  # never share storage
         meta = {
             "format": FORMAT,
             "version": self.version,
@@ -165,6 +165,32 @@ class ElasticScores:
         )
 
 
+def from_reference(ref: Any, smap: StructureMap) -> "ElasticScores":
+    """ElasticScores from the reference implementation's published score file.
+
+    Its ``head_scores [L, H]`` and ``mlp_scores [L, hidden]`` are already the final
+    per-structure scores (local score x |c|), so they become the per-structure scores
+    here with ``c = 1``. The reference ranks heads and neurons separately with two ratios;
+    ``budget_masks(..., mlp_ratio=, head_ratio=)`` reproduces that, and ``sparsity=`` ranks
+    both kinds together (see :func:`elastic_fx.interop.ratios_to_sparsity`).
+    """
+    from .interop import check_against
+
+    check_against(ref, smap.describe())
+    layout = Layout.of(smap)
+    heads = {b.index: ref.head_scores[i].double() for i, b in enumerate(smap.blocks) if b.attention is not None}
+    neurons = {b.index: ref.mlp_scores[i].double() for i, b in enumerate(smap.blocks) if b.mlp is not None and b.mlp.prunable}
+    floors = Floors()
+    if ref.floors:
+        floors = Floors(head_fraction=float(ref.floors.get("heads", floors.head_fraction)),
+                        neuron_fraction=float(ref.floors.get("neurons", floors.neuron_fraction)))
+    return ElasticScores(
+        head_sums=heads, neuron_sums=neurons, head_means=heads, neuron_means=neurons, c=layout.ones(),
+        layout=layout, fingerprint=smap.fingerprint(), blocks=smap.describe(), floors=floors,
+        config={"method": "reference-import", "source": ref.source, "model_type": ref.model_type},
+    )
+
+
 def _atomic_write(path: Path, write) -> Path:
     """Write via a temp file in the target directory, then rename; never leaves a partial file."""
     path = Path(path)
@@ -204,11 +230,14 @@ class ElasticModel:
         return self.scores.keep(self.smap, sparsity, flops=flops)
 
     def at(self, sparsity: Optional[float] = None, *, flops: Optional[float] = None, correct: bool = False,
-           calibration: Any = None) -> fx.GraphModule:
+           calibration: Any = None, correction: Any = None) -> fx.GraphModule:
         """A physically sliced GraphModule for one budget (cached; nested across budgets).
 
-        ``correct=True`` applies the SparseGPT-style weight correction of the
-        out-projections on ``calibration`` images before slicing.
+        ``correct=True`` first applies the SparseGPT-style weight correction of the
+        attention and FFN out-projections (paper App. B.4), with inputs collected on
+        ``calibration`` images (a folder, source, or preprocessed tensor; default 1000
+        images); ``correction`` is a :class:`~elastic_fx.passes.correct.CorrectionConfig`
+        (damping strategy ``"mean"`` or ``"max"``, block size ...).
         """
         from .passes.slice import slice_graph
 
@@ -217,17 +246,33 @@ class ElasticModel:
         if key not in self._cache:
             src = self.gm
             if correct:
-                src = self._corrected(keep, calibration)
+                src = self._corrected(keep, calibration, correction)
             self._cache[key] = slice_graph(src, self.smap, keep)
         return self._cache[key]
 
-    def _corrected(self, keep: dict, calibration: Any) -> fx.GraphModule:
-        from .passes.correct import correct_structures
+    def _corrected(self, keep: dict, calibration: Any, correction: Any) -> fx.GraphModule:
+        from .data import load_tensor
+        from .errors import DataError
+        from .passes.correct import CorrectionConfig, correct_structures
+        from .tracing import PREPROCESS_META
 
-        return correct_structures(self.gm, self.smap, keep, calibration)
+        config = correction or CorrectionConfig()
+        if calibration is None:
+            raise DataError("weight correction needs calibration images: pass calibration=<folder or tensor>")
+        pre = self.gm.meta.get(PREPROCESS_META)
+        if not (isinstance(calibration, torch.Tensor) and calibration.is_floating_point()):
+            if pre is None:
+                raise DataError("the model carries no preprocessing config; pass calibration as a preprocessed tensor")
+            calibration = load_tensor(calibration, pre, config.max_images)
+        return correct_structures(self.gm, self.smap, keep, calibration, config=config)
 
-    def export_onnx(self, out_dir: str | os.PathLike, sparsities: Sequence[float], *, source: str = "", **kw) -> dict:
-        """One validated ONNX file per sparsity plus ``manifest.json``; returns the manifest."""
+    def export_onnx(self, out_dir: str | os.PathLike, sparsities: Sequence[float], *, source: str = "",
+                    correct: bool = False, calibration: Any = None, correction: Any = None, **kw) -> dict:
+        """One validated ONNX file per sparsity plus ``manifest.json``; returns the manifest.
+
+        ``correct``/``calibration``/``correction`` as in :meth:`at`; other keywords go to
+        :func:`elastic_fx.export_onnx` (``fp16``, ``opset`` ...).
+        """
         from .budget import achieved
         from .exporters.onnx import export_onnx
         from .tracing import example_inputs_of
@@ -237,13 +282,14 @@ class ElasticModel:
         entries = []
         for s in sparsities:
             keep = self.keep(s)
-            small = self.at(s)
+            small = self.at(s, correct=correct, calibration=calibration, correction=correction)
             stats = achieved(self.smap, keep)
             meta = {
                 "sparsity": round(stats["sparsity"], 6), "target_sparsity": s, "parameters": stats["params"],
                 "gflops": round(stats["gflops"], 4), "source_model": source,
                 "kept_heads": {b: len(k.get("heads", [])) for b, k in keep.items()},
                 "kept_neurons": {b: len(k.get("neurons", [])) for b, k in keep.items()},
+                "weight_correction": bool(correct),
             }
             path = out / f"sparsity_{int(round(s * 100)):02d}.onnx"
             report = export_onnx(small, path, x, metadata=meta, **kw)

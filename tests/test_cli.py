@@ -72,3 +72,24 @@ def test_errors_are_one_clear_line(argv, needle, spec, tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "elastic_fx.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "elastic_fx" in out.stdout
+
+
+def test_export_with_weight_correction(spec, tmp_path):
+    """--correct collects out-projection inputs on calibration images and exports a corrected model."""
+    from PIL import Image
+    import numpy as np
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(calib / f"{i}.png")
+    out = tmp_path / "onnx"
+    argv = ["export", spec, "--scores", "magnitude", "--sparsity", "0.5", "--out-dir", str(out),
+            "--correct", "--calibration", str(calib), "--calibration-images", "6"]
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["budgets"][0]["ort_max_abs_diff"] < 1e-4
+    from elastic_fx.exporters.onnx import read_metadata
+
+    assert read_metadata(out / manifest["budgets"][0]["file"])["weight_correction"] == "true"

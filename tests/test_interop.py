@@ -256,3 +256,48 @@ def test_refuses_a_raw_pickle_attack(tmp_path):
     with pytest.raises(ScoresError, match="refusing to load .*could execute code"):
         load_reference_scores(path)
     assert not marker.exists()
+
+
+FACTORY = """
+import timm
+
+def model():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=3,
+                             embed_dim=32, num_heads=4, mlp_ratio=0.5, num_classes=0)
+"""
+
+
+def test_import_scores_command_maps_a_reference_file_onto_the_model(tmp_path, reference_package):
+    """elastic-fx import-scores: reference file -> .efx whose ranking follows the reference's scores."""
+    import elastic_fx as efx
+    from elastic_fx.cli import main
+
+    (tmp_path / "m.py").write_text(FACTORY)
+    spec = f"{tmp_path / 'm.py'}:model"
+    data = _reference_dict(reference_package)
+    torch.save(data, tmp_path / "ref.pt")
+    reference_package.forget()
+    out = tmp_path / "imported.efx"
+    assert main(["import-scores", str(tmp_path / "ref.pt"), "--model", spec, "--out", str(out)]) == 0
+    gm = efx.trace(__import__("elastic_fx").models.load_model(spec), (torch.randn(2, 3, 32, 32),))
+    smap = efx.discover(gm)
+    scores = efx.ElasticScores.load(out, smap)
+    # the head the reference scored lowest in block 0 is the first head to go
+    keep = scores.keep(smap, 0.05)
+    assert torch.equal(scores.head_means[0].float(), data["head_scores"][0])
+    lowest_neuron = int(torch.argmin(data["mlp_scores"][0]))
+    keep_hi = efx.budget_masks(smap, *scores.scores(), mlp_ratio=0.25, head_ratio=0.25, floors=scores.floors)
+    assert lowest_neuron not in keep_hi[0]["neurons"]
+    assert len(keep) == L
+
+
+def test_import_scores_refuses_a_mismatched_model(tmp_path, reference_package, capsys):
+    from elastic_fx.cli import main
+
+    (tmp_path / "m.py").write_text(FACTORY.replace("num_heads=4", "num_heads=2"))
+    torch.save(_reference_dict(reference_package), tmp_path / "ref.pt")
+    reference_package.forget()
+    rc = main(["import-scores", str(tmp_path / "ref.pt"), "--model", f"{tmp_path / 'm.py'}:model",
+               "--out", str(tmp_path / "x.efx")])
+    assert rc == 1 and "block 0" in capsys.readouterr().err
+    assert not (tmp_path / "x.efx").exists()

@@ -62,18 +62,30 @@ model produces (heads and neurons are independent within a group), so slicing aw
 upstream rows later changes nothing. **Pass the unmasked model**: if the upstream rows of
 the pruned structures were already zeroed, their inputs are dead and there is nothing
 left to compensate (a warning is logged when that is detected).
+
+With a StructureMap: :func:`correction_layers` turns a keep dict into the
+``(out-projection, column mask)`` list in graph execution order, and
+:func:`correct_structures` returns a corrected deep copy of a traced model, ready for
+``slice_graph`` with the same keep dict::
+
+    corrected = correct_structures(gm, smap, keep, calibration=images)
+    small = slice_graph(corrected, smap, keep)
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import DataError, ElasticFxError, NumericalError, SliceError
+from ..structures import KeepMask, StructureMap
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +94,9 @@ KeepCols = Union[Tensor, Sequence[int]]
 #: Calibration data: a tensor ``[N, C, H, W]`` or a re-iterable of batches (tensors, or
 #: tuples/lists whose first item is the image tensor, as a DataLoader yields).
 Calibration = Union[Tensor, Iterable]
+
+#: GraphModule.meta key under which correct_structures records its per-layer report.
+CORRECTION_META = "elastic_fx.correction"
 
 _DEFAULT_PERCENT = {"mean": 0.01, "max": 0.1}
 _ORDERS = ("pruned_first", "natural")
@@ -531,3 +546,76 @@ def correct_model(
     finally:
         model.train(was_training)
     return report
+
+
+# ----------------------------------------------------------------------------- StructureMap glue
+def correction_layers(
+    smap: StructureMap, keep: Optional[KeepMask], model: Optional[nn.Module] = None
+) -> List[Tuple[str, Tensor]]:
+    """``(out-projection name, bool keep mask over its input columns)`` for every group that
+    loses at least one head or neuron under ``keep`` (blocks/keys not named are kept whole).
+
+    Columns come from the group's out-projection ParamSlice (``dim=1`` of
+    ``<out_proj>.weight``), so any layout discovery understands is handled. The list is in
+    execution order: the order in which ``model``'s graph calls the modules when ``model``
+    is an fx GraphModule, else block order with attention before the FFN.
+    """
+    keep = keep or {}
+    layers: List[Tuple[str, Tensor]] = []
+    for block in smap.blocks:
+        for kind, group in block.groups():
+            kept = keep.get(block.index, {}).get(kind)
+            if kept is None:
+                continue
+            weight = f"{group.out_proj}.weight"
+            cols = [s for s in group.slices if s.name == weight and s.dim == 1]
+            if not cols:
+                logger.warning("block %d %s: no column slice of %s; not corrected", block.index, kind, weight)
+                continue
+            mask = torch.zeros(cols[0].shape[1], dtype=torch.bool)
+            mask[cols[0].kept_positions(kept)] = True
+            if not bool(mask.all()):
+                layers.append((group.out_proj, mask))
+    if isinstance(model, fx.GraphModule):
+        position = {}
+        for i, node in enumerate(model.graph.nodes):
+            if node.op == "call_module":
+                position.setdefault(node.target, i)
+        missing = [name for name, _ in layers if name not in position]
+        for name in missing:
+            logger.warning(
+                "%s is not called as a module in the traced graph (e.g. it sits inside "
+                "nn.MultiheadAttention), so its inputs cannot be hooked; it is left uncorrected", name
+            )
+        layers = sorted((l for l in layers if l[0] in position), key=lambda l: position[l[0]])
+    return layers
+
+
+def correct_structures(
+    model: nn.Module,
+    smap: StructureMap,
+    keep: Optional[KeepMask],
+    calibration: Optional[Calibration],
+    *,
+    config: Optional[CorrectionConfig] = None,
+    batch_size: int = 32,
+    forward: Optional[Callable[[nn.Module, Tensor], object]] = None,
+) -> nn.Module:
+    """A corrected deep copy of the unmasked ``model`` for the budget ``keep``.
+
+    The copy computes the pruned-and-corrected function (removed structures' columns are
+    zero in the out-projections); slice it with the same ``keep`` afterwards. ``model``
+    itself is not modified. Per-layer errors are logged and stored in the copy's
+    ``meta["elastic_fx.correction"]`` when it is a GraphModule.
+    """
+    if calibration is None:
+        raise DataError(
+            "weight correction needs calibration images: pass calibration= a tensor [N, C, H, W] "
+            "(about 1000 images, preprocessed like the model's inputs) or a DataLoader"
+        )
+    new = copy.deepcopy(model)
+    layers = correction_layers(smap, keep, new)
+    report = correct_model(new, layers, calibration, config=config, batch_size=batch_size, forward=forward)
+    if isinstance(new, fx.GraphModule):
+        new.meta[CORRECTION_META] = {k: dataclasses.asdict(v) for k, v in report.items()}
+    return new

@@ -34,10 +34,20 @@ before it runs the graph and clears them afterwards.
 The MaskedModel owns a deep copy of ``gm``'s parameters, taken once when it is built:
 moving it to a GPU leaves ``gm`` where it is, and later edits of ``gm`` are not seen.
 
-FFN gathering (computing only the kept neurons with per-pair gathered weights) is not
-done: on the CPU the per-pair batched matmul of the gathered weights did not beat the
-dense matmul plus a mask at the sizes measured (see ``benchmarks/bench_mask_forward.py``
-and the notes in its docstring); the hidden activations are masked instead.
+What was measured (CPU, 2 shared cores; ``benchmarks/bench_mask_forward.py --quick``):
+batched masked scoring is ~20x faster per pair than deepcopy + slice + forward, almost
+all of it from not slicing (slicing is ~80 % of the reference's time) and ~3.8x on the
+forward alone. On the CPU, skipping masked heads (``use_kernel=True``: the gathering
+PyTorch reference) is no faster than dense attention plus out-projection masking
+(``use_kernel=False``) at 35-90 % kept heads: the gather costs what the skipped heads
+save. The Triton kernel is meant for the GPU, where it was not measured here.
+
+FFN gathering (computing only the kept neurons with per-pair gathered weights and a
+batched matmul, padded to the largest kept count in the pair chunk) is not done. At the
+FFN shape of ViT-S (8 pairs x 1576 tokens, 384 -> 1536) it was 1.7x faster than dense +
+mask when every pair kept 50 % of the neurons, but no faster (0.99x) with per-pair kept
+fractions drawn from [0.35, 0.9] as in the search, whose pairs span 10-60 % sparsity;
+at ViT-Ti/16 shapes it was slower (0.8x). The hidden activations are masked instead.
 """
 
 from __future__ import annotations
@@ -45,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -171,11 +180,11 @@ class _MaskSlot(nn.Module):
     multiplies its last (feature) axis by the pair's columns.
     """
 
-    def __init__(self, kind: str, block: int, owner: torch.Tensor, batch_axis: int) -> None:
+    def __init__(self, kind: str, block: int, size: int, owner: torch.Tensor, batch_axis: int) -> None:
         super().__init__()
         self.kind = kind
         self.block = block
-        self.size = int(owner.max().item()) + 1
+        self.size = size
         self.batch_axis = batch_axis
         # -1 (unowned column) -> index `size` of the mask padded with one True column
         self.register_buffer("owner", torch.where(owner < 0, self.size, owner).long(), persistent=False)
@@ -374,7 +383,7 @@ def _sdpa_plan(gm: fx.GraphModule, node: fx.Node) -> Tuple[Optional[_CorePlan], 
     bound.update(node.kwargs)
     if any(not isinstance(bound.get(r), fx.Node) for r in ("query", "key", "value")):
         return None, "q, k or v is not a graph value"
-    if _number(bound.get("dropout_p") or 0.0) not in (0.0, None) or bound.get("enable_gqa"):
+    if _number(bound.get("dropout_p") or 0.0) != 0.0 or bound.get("enable_gqa") not in (None, False):
         return None, "dropout or grouped-query attention"
     scale = bound.get("scale")
     if scale is not None and _number(scale) is None:
@@ -386,6 +395,12 @@ def _sdpa_plan(gm: fx.GraphModule, node: fx.Node) -> Tuple[Optional[_CorePlan], 
     if not isinstance(causal, bool):
         return None, "a computed is_causal flag"
     return _CorePlan(node, bound["query"], bound["key"], bound["value"], mask, _number(scale), causal), ""
+
+
+def _dropout_active(n: fx.Node) -> bool:
+    """``F.dropout(x, p, training)`` / ``aten.dropout(x, p, train)`` traced in training mode."""
+    flag = n.kwargs.get("training", n.kwargs.get("train", (list(n.args) + [None] * 3)[2]))
+    return flag not in (False, None)
 
 
 def _softmax_dim(gm: fx.GraphModule, n: fx.Node) -> Any:
@@ -404,7 +419,7 @@ def _explicit_plan(gm: fx.GraphModule, node: fx.Node, rank: int) -> Tuple[Option
     x, chain = probs, []
     while isinstance(x, fx.Node) and op_name(gm, x) in _PROB_PASSTHROUGH:
         chain.append(x)
-        if op_name(gm, x) == "dropout" and (list(x.args) + [None] * 3)[2] not in (False, None):
+        if op_name(gm, x) == "dropout" and _dropout_active(x):
             return None, "dropout in training mode"
         if _single_user(x) is None or not x.args or not isinstance(x.args[0], fx.Node):
             return None, "attention probabilities used elsewhere"
@@ -556,7 +571,7 @@ class MaskedModel(nn.Module):
                 got = f"{tuple(m.shape)} {m.dtype}" if isinstance(m, torch.Tensor) else type(m).__name__
                 raise SliceError(
                     f"block {bi}: the {kind} mask must be a bool tensor [pairs={P}, {kind}s={size}], got {got}; "
-                    "build masks with efx keeps_to_masks(smap, keeps)"
+                    "build them with elastic_fx.passes.mask.keeps_to_masks(smap, keeps)"
                 )
             out[bi] = m.to(device)
         return out
@@ -662,7 +677,7 @@ def _insert_slot(model: MaskedModel, kind: str, bi: int, group, linears: List[fx
     ax = axes(x)
     if ax == axes.rank(x) - 1:
         raise SliceError(f"block {bi}: the batch axis of '{x.name}' is its feature axis; cannot mask {kind}")
-    slot = _MaskSlot(kind, bi, _owner_columns(group), ax)
+    slot = _MaskSlot(kind, bi, group.size, _owner_columns(group), ax)
     name = f"efx_mask_{kind}_{bi}"
     gm.add_submodule(name, slot)
     for lin in linears:

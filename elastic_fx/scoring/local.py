@@ -56,7 +56,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -65,6 +65,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..data import PREPROCESS_META, PreprocessConfig, TensorSource, as_source, load_tensor, raw_images
+from ..distributed import DistContext, current
 from ..errors import DataError, NumericalError, ScoresError
 from ..kernels.sqgrad import SqgradJob, ghost_sqnorm, sqgrad_accumulate_many
 from ..structures import ParamSlice, StructureMap
@@ -403,12 +404,17 @@ def scored_parameters(gm: nn.Module, groups: Sequence[ScoredGroup]) -> Dict[str,
 
 
 class _Buffers:
-    """Flat fp32 accumulators, one view per group, for the totals and one batch."""
+    """Flat fp32 accumulators, one view per group, for the totals and one batch.
 
-    def __init__(self, groups: Sequence[ScoredGroup], device: torch.device) -> None:
+    ``record=True`` (a distributed pass) keeps every batch's buffer instead of adding it
+    to the total, so that the ranks can add them later in global batch order.
+    """
+
+    def __init__(self, groups: Sequence[ScoredGroup], device: torch.device, record: bool = False) -> None:
         sizes = [g.size for g in groups]
         self.total = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
         self.batch = torch.zeros_like(self.total)
+        self.steps: Optional[List[torch.Tensor]] = [] if record else None
         offsets = [0]
         for s in sizes:
             offsets.append(offsets[-1] + s)
@@ -416,6 +422,13 @@ class _Buffers:
         self.batch_views = [self.batch[a:b] for a, b in self.spans]
         # index tensors on the device, kept alive so the kernel's schedule cache stays valid
         self.index = {id(s): s.index.to(device) for g in groups for s in g.slices}
+
+    def commit(self) -> None:
+        """The checked batch buffer joins the totals (or the record of batches)."""
+        if self.steps is None:
+            self.total += self.batch
+        else:
+            self.steps.append(self.batch.clone())
 
     def split(self, flat: torch.Tensor, groups: Sequence[ScoredGroup]) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
         heads, neurons = {}, {}
@@ -501,6 +514,9 @@ class _Objective:
     module: Optional[nn.Module] = None
     views: Optional[int] = None
     extra: dict = field(default_factory=dict)
+    #: ``skip(n)`` advances the loss's random state exactly as one call on ``n`` images
+    #: would, without computing anything (a rank skipping the batches before its shard).
+    skip: Optional[Callable[[int], None]] = None
 
 
 def _batches(data: Any, batch_size: int) -> Iterator[Tuple[int, int, Any, int]]:
@@ -592,7 +608,21 @@ def build_objective(gm: fx.GraphModule, smap: StructureMap, method: str, loss_fn
 
     data = raw_images(source, cfg.num_images, seed=cfg.seed)
     extra = {"dino": asdict(dcfg), "preprocess": pre.to_dict()}
-    return _Objective(dino_objective, "dino", "dino", module=emb, views=dcfg.n_views, extra=extra), data, len(data)
+    return _Objective(dino_objective, "dino", "dino", module=emb, views=dcfg.n_views, extra=extra,
+                      skip=lambda n: _skip_crops(sampler, n)), data, len(data)
+
+
+def _skip_crops(sampler: MultiCropSampler, n: int) -> None:
+    """Advance the crop generator as ``sampler(<n images>)`` does, without cropping.
+
+    The boxes' random draws depend on the number of images and views only, never on the
+    image sizes, so drawing boxes for ``n`` dummy images consumes exactly the same numbers.
+    """
+    sizes = [(1, 1)] * n
+    d = sampler.dino
+    sampler.boxes(sizes, d.global_scale, d.n_global)
+    if d.n_local:
+        sampler.boxes(sizes, d.local_scale, d.n_local)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -741,20 +771,32 @@ def batch_gradients(gm: nn.Module, objective: _Objective, batch: Any, params: Ma
 
 
 def run_batches(gm: nn.Module, params: Mapping[str, nn.Parameter], objective: _Objective, data: Any,
-                n_images: int, cfg: PassConfig, step: Callable[[int, int, Any, int], float]) -> dict:
+                n_images: int, cfg: PassConfig, step: Callable[[int, int, Any, int], float], *,
+                shard: Optional[Tuple[int, int]] = None, skip: Optional[Callable[[int], None]] = None) -> dict:
     """Call ``step(batch_index, first_image, batch, n)`` on every batch, in the scoring state.
 
     Gradients only for ``params``, eval mode, the model on ``cfg.device`` (all restored
     afterwards, also on errors); a progress bar in images/s. ``step`` returns the batch's
     loss. Returns timing statistics.
+
+    ``shard=(first, stop)`` runs only batches ``first <= index < stop`` (indices and image
+    numbers stay global); ``skip(n)`` is called for each batch of ``n`` images before the
+    shard (to advance random state). ``n_images`` is then the number of images in the shard.
     """
     losses: List[float] = []
+    first, stop = shard if shard is not None else (0, None)
     with _scoring_state(gm, params, cfg.device):
         device = _device_of(gm)
         bar = _progress(n_images, cfg.progress, objective.name)
         t0 = time.perf_counter()
         try:
             for bi, start, batch, n in _batches(data, cfg.batch_size):
+                if stop is not None and bi >= stop:
+                    break
+                if bi < first:
+                    if skip is not None:
+                        skip(n)
+                    continue
                 losses.append(step(bi, start, batch, n))
                 bar.update(n)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
@@ -770,28 +812,81 @@ def run_batches(gm: nn.Module, params: Mapping[str, nn.Parameter], objective: _O
 
 
 def fisher_pass(gm: fx.GraphModule, smap: StructureMap, objective: _Objective, data: Any, n_images: int,
-                cfg: PassConfig) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor], dict]:
-    """Σ g² per structure over the data (see the module docstring). Returns (heads, neurons, stats)."""
+                cfg: PassConfig, *, dist: Optional[DistContext] = None
+                ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor], dict]:
+    """Σ g² per structure over the data (see the module docstring). Returns (heads, neurons, stats).
+
+    With a distributed ``dist`` context, rank ``r`` runs a contiguous block of whole
+    batches (:meth:`DistContext.span`), keeps each batch's buffer, and the buffers are
+    added in global batch order (:meth:`DistContext.ordered_sum`): every rank returns
+    exactly the scores one process computes on the same images.
+    """
+    ctx = dist if dist is not None else current(False)
     groups = scored_groups(smap)
     params = scored_parameters(gm, groups)
     device = target_device(gm, cfg)
-    bufs = _Buffers(groups, device)
+    bufs = _Buffers(groups, device, record=ctx.enabled)
     ghost = _GhostPlan.build(gm, objective, groups, params, cfg.per_sample) if cfg.mode == "per-sample" else None
+    losses: List[float] = []
 
     def step(bi: int, start: int, batch: Any, n: int) -> float:
         if cfg.mode == "per-batch":
-            return _fisher_step(gm, objective, batch, params, groups, bufs, describe_batch(bi, start, n), cfg,
-                                device)
-        if ghost is not None:
-            return ghost.step(gm, objective, batch, n, params, bufs, describe_batch(bi, start, n), cfg, device)
-        losses = [_fisher_step(gm, objective, _take(batch, j), params, groups, bufs,
-                               describe_batch(bi, start + j, 1), cfg, device) for j in range(n)]
-        return sum(losses) / n
+            value = _fisher_step(gm, objective, batch, params, groups, bufs, describe_batch(bi, start, n), cfg,
+                                 device)
+        elif ghost is not None:
+            value = ghost.step(gm, objective, batch, n, params, bufs, describe_batch(bi, start, n), cfg, device)
+        else:
+            per_image = [_fisher_step(gm, objective, _take(batch, j), params, groups, bufs,
+                                      describe_batch(bi, start + j, 1), cfg, device) for j in range(n)]
+            value = sum(per_image) / n
+        losses.append(value)
+        return value
 
-    stats = run_batches(gm, params, objective, data, n_images, cfg, step)
+    if not ctx.enabled:
+        stats = run_batches(gm, params, objective, data, n_images, cfg, step)
+    else:
+        stats = ctx.all_or_nothing(lambda: _run_shard(gm, params, objective, data, cfg, step, ghost, ctx),
+                                   "the gradient pass")
+        stats = _merged_stats(ctx, stats, losses, n_images)
+        ctx.ordered_sum(bufs.steps, bufs.total)
+        bufs.steps = None
     stats["per_sample"] = None if cfg.mode == "per-batch" else ("ghost" if ghost is not None else "loop")
     heads, neurons = bufs.split(bufs.total, groups)
     return heads, neurons, stats
+
+
+def _num_items(data: Any) -> int:
+    return len(data[0]) if isinstance(data, tuple) else len(data)
+
+
+def _run_shard(gm: nn.Module, params: Mapping[str, nn.Parameter], objective: _Objective, data: Any,
+               cfg: PassConfig, step: Callable[[int, int, Any, int], float], ghost: Optional["_GhostPlan"],
+               ctx: DistContext) -> dict:
+    """This rank's contiguous block of whole batches; the crop generator skips the batches before it."""
+    total = _num_items(data)
+    first, stop = ctx.span(-(-total // cfg.batch_size))
+    n_mine = max(0, min(stop * cfg.batch_size, total) - first * cfg.batch_size)
+    calls_per_image = cfg.mode == "per-sample" and ghost is None  # the loop calls the loss once per image
+
+    def skip(n: int) -> None:
+        if objective.skip is not None:
+            for size in ([1] * n if calls_per_image else [n]):
+                objective.skip(size)
+
+    mine = replace(cfg, progress=cfg.progress and ctx.is_main)
+    return run_batches(gm, params, objective, data, n_mine, mine, step, shard=(first, stop), skip=skip)
+
+
+def _merged_stats(ctx: DistContext, stats: dict, losses: List[float], n_images: int) -> dict:
+    """Timing and mean loss over all ranks (the mean as one process computes it, in batch order)."""
+    gathered = ctx.all_gather_object((stats["seconds"], losses), "gathering the pass statistics")
+    seconds = max(s for s, _ in gathered)
+    every = [v for _, part in gathered for v in part]
+    return {
+        "seconds": round(seconds, 3), "images_per_s": round(n_images / max(seconds, 1e-9), 2),
+        "mean_loss": float(sum(every) / max(len(every), 1)), "device": stats["device"],
+        "world_size": ctx.world_size,
+    }
 
 
 def _fisher_step(gm: nn.Module, objective: _Objective, batch: Any, params: Mapping[str, nn.Parameter],
@@ -802,7 +897,7 @@ def _fisher_step(gm: nn.Module, objective: _Objective, batch: Any, params: Mappi
     bufs.batch.zero_()
     sqgrad_accumulate_many(_jobs(groups, bufs, grads), backend=cfg.backend)
     value = _check_batch(loss, bufs.batch, grads, what, cfg.amp_dtype)
-    bufs.total += bufs.batch
+    bufs.commit()
     return value
 
 
@@ -907,7 +1002,7 @@ class _GhostPlan:
                     per_pos = gl.rows if s.dim == 0 else gl.cols
                 out.add_(per_pos[bufs.index[id(s)]].sum(dim=1), alpha=scale)
         value = _check_batch(loss, bufs.batch, grads, what, cfg.amp_dtype)
-        bufs.total += bufs.batch
+        bufs.commit()
         return value
 
     def _forward_hook(self, gl: _GhostLinear, n_images: int, backend: str):
@@ -962,6 +1057,7 @@ def local_scores(
     structures: Optional[StructureMap] = None,
     backend: str = "auto",
     per_sample: str = "auto",
+    distributed: Optional[bool] = None,
 ) -> LocalScores:
     """Importance of every attention head and FFN neuron of ``model``, without labels.
 
@@ -992,6 +1088,11 @@ def local_scores(
         backend: squared-gradient kernel backend (``"auto"``, ``"triton"``, ``"torch"``).
         per_sample: ``"auto"`` (ghost norms where they apply, else a loop over images),
             ``"ghost"`` or ``"loop"``.
+        distributed: ``None`` (auto): under ``torchrun`` (``WORLD_SIZE > 1``) or in an
+            initialised process group, every rank scores a contiguous block of the batches
+            and all ranks return the single-process scores (see :mod:`elastic_fx.distributed`);
+            every rank must make the same call. ``False``: this process scores alone.
+            The baselines (``magnitude``, ``lamp``, ``random``, ``snip``) are never split.
 
     Raises:
         NumericalError: a loss or gradient was NaN/inf (the message names the batch).
@@ -1000,8 +1101,9 @@ def local_scores(
     method = METHOD_ALIASES.get(method, method)
     if method not in METHODS:
         raise ScoresError(f"method must be one of {METHODS} (or 'fisher'), got {method!r}.")
+    ctx = current(False if method in ("magnitude", "lamp", "random", "snip") else distributed, device)
     cfg = PassConfig(batch_size=batch_size, mode=mode, seed=seed, num_images=num_images,
-                     device=None if device is None else torch.device(device), progress=progress,
+                     device=ctx.device(device), progress=progress,
                      amp_dtype=amp_dtype, backend=backend, per_sample=per_sample)
     if example_inputs is None and not (isinstance(model, fx.GraphModule) and EXAMPLE_INPUTS_META in model.meta):
         example_inputs = _example_from(images, preprocess)
@@ -1019,9 +1121,10 @@ def local_scores(
         fn = {"magnitude": baselines.magnitude_scores, "lamp": baselines.lamp_scores}.get(method)
         return fn(gm, structures=smap) if fn else baselines.random_scores(gm, seed, structures=smap)
 
-    objective, data, n_images = build_objective(gm, smap, method, loss_fn, images, cfg, dino=dino, labels=labels,
-                                                preprocess=preprocess)
-    heads, neurons, stats = fisher_pass(gm, smap, objective, data, n_images, cfg)
+    objective, data, n_images = ctx.all_or_nothing(
+        lambda: build_objective(gm, smap, method, loss_fn, images, cfg, dino=dino, labels=labels,
+                                preprocess=preprocess), "loading the images")
+    heads, neurons, stats = fisher_pass(gm, smap, objective, data, n_images, cfg, dist=ctx)
     config = {
         "batch_size": batch_size, "seed": seed, "num_images_requested": num_images,
         "amp_dtype": None if amp_dtype is None else str(amp_dtype).replace("torch.", ""),

@@ -10,6 +10,13 @@
 
 The run checkpoints after every generation (atomically); ``resume=True`` continues from
 the checkpoint and ends with exactly the result of an uninterrupted run.
+
+Under ``torchrun`` (see :mod:`elastic_fx.distributed`) every rank calls ``prune`` with the
+same arguments: the gradient pass is split by batches, the dense embeddings by image
+batches, and every generation's (candidate, sparsity) pairs by contiguous pair chunks;
+rank 0 owns xNES and writes the checkpoints. The trajectory, the checkpoints and the
+returned scores are those of one process with the same seed, whatever the number of
+processes, and a checkpoint written with N processes resumes with any other number.
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ def prune(
     progress: bool = True,
     example_inputs: Any = None,
     preprocess: Any = None,
+    distributed: Optional[bool] = None,
 ):
     """Score every head and FFN neuron without labels and search the global reweighting.
 
@@ -109,21 +117,29 @@ def prune(
         preprocess: a :class:`~elastic_fx.data.PreprocessConfig`; default: the model's own
             (timm / Hugging Face / torchvision config), or, for images given as a
             preprocessed tensor, that tensor's size.
+        distributed: ``None`` (auto): split the work over the ranks when launched by
+            ``torchrun`` (``WORLD_SIZE > 1``) or inside an initialised process group; every
+            rank must make the same call and gets the same result; rank 0 alone writes the
+            checkpoint. ``False``: this process works alone. A ``device`` of ``"cuda"``
+            means ``cuda:LOCAL_RANK`` when distributed.
 
     Returns:
         ElasticScores.
     """
     from ..data import load_tensor
+    from ..distributed import current
     from ..elastic import ElasticScores, _atomic_write
     from ..embedding import embedding_module
     from ..passes.discover import discover
-    from ..passes.mask import build_masked, masked_embeddings
+    from ..passes.mask import DEFAULT_ROWS_PER_FORWARD, build_masked, masked_embeddings
     from ..scoring.local import local_scores
     from ..tracing import trace
 
     cfg = config or SearchConfig()
     cfg.iterations, cfg.sparsities, cfg.seed = iterations, tuple(sparsities), seed
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = current(distributed, wanted)
+    dev = ctx.device(wanted)
     if example_inputs is None and isinstance(images, torch.Tensor) and images.is_floating_point() and images.dim() == 4:
         example_inputs = (images[:2].clone(),)
     gm = trace(model, example_inputs)
@@ -133,7 +149,9 @@ def prune(
     if layout.dim == 0:
         raise ElasticFxError("this model has no prunable heads or FFN neurons to search over")
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-    state = _load_checkpoint(ckpt_path, smap, cfg) if resume else None
+    # rank 0 reads the checkpoint (it need exist on rank 0's machine only) and shares it
+    state = ctx.main_then_share(lambda: _load_checkpoint(ckpt_path, smap, cfg) if resume else None,
+                                "reading the checkpoint")
     if resume and state is None:
         raise ElasticFxError(f"resume=True but no checkpoint found at {ckpt_path}; run without resume first")
 
@@ -146,49 +164,67 @@ def prune(
         local = state["local"]
     elif local is None:
         local = local_scores(gm, images, batch_size=cfg.batch_size, seed=seed, num_images=cfg.num_images,
-                             device=str(dev), progress=progress, preprocess=pre, structures=smap)
+                             device=str(dev), progress=progress, preprocess=pre, structures=smap,
+                             distributed=ctx.enabled)
     heads_l = {b: t.double() for b, t in local.head_means.items()}
     neurons_l = {b: t.double() for b, t in local.neuron_means.items()}
     t_local = time.time() - t0
 
-    # 2. fitness images and the dense reference
-    fit_x = load_tensor(fit_src, pre, cfg.num_fitness_images, seed=seed + 1)
+    # 2. fitness images and the dense reference (image batches split over the ranks)
+    fit_x = ctx.all_or_nothing(lambda: load_tensor(fit_src, pre, cfg.num_fitness_images, seed=seed + 1),
+                               "loading the fitness images")
     embed = embedding_module(gm, smap).to(dev).eval()
+    ebs = cfg.eval_batch_size
+    first, stop = ctx.span(len(fit_x), unit=ebs)
     with torch.no_grad():
-        dense = torch.cat([embed(fit_x[i : i + cfg.eval_batch_size].to(dev)).float().cpu()
-                           for i in range(0, len(fit_x), cfg.eval_batch_size)])
-    fitness = PCACosineFitness(dense, dim=cfg.pca_dim)
+        mine = [embed(fit_x[i : i + ebs].to(dev)).float().cpu() for i in range(first, stop, ebs)]
+    dense = torch.cat([t for part in ctx.all_gather_object(mine, "embedding the fitness images") for t in part])
+    fitness = ctx.main_then_share(lambda: PCACosineFitness(dense, dim=cfg.pca_dim), "fitting the PCA")
     masked = build_masked(gm, smap).to(dev).eval()
     amp = torch.bfloat16 if dev.type == "cuda" else None
+    n_s = len(cfg.sparsities)
+    chunk = cfg.pair_chunk or max(1, DEFAULT_ROWS_PER_FORWARD // ebs)  # pairs per masked forward
+
+    def my_pairs(cands: np.ndarray) -> torch.Tensor:
+        """Fitness of this rank's pairs: a contiguous run of whole pair chunks, one value per pair.
+
+        Every forward sees exactly the pairs and images it sees in one process, and each
+        pair's fitness is computed on its own, so no value depends on the number of ranks.
+        """
+        lo, hi = ctx.span(len(cands) * n_s, unit=chunk)
+        keeps = []
+        for ci in range(lo // n_s, -(-hi // n_s)) if hi > lo else ():
+            hs, ns = rescale(layout, cands[ci], heads_l, neurons_l)
+            for si, keep in enumerate(nested_masks(smap, hs, ns, cfg.sparsities, floors=cfg.floors)):
+                if lo <= ci * n_s + si < hi:
+                    keeps.append(keep)
+        if not keeps:
+            return torch.empty(0, dtype=torch.float32)
+        emb = masked_embeddings(masked, fit_x, keeps, batch_size=ebs, pair_chunk=chunk, device=dev, amp_dtype=amp)
+        return torch.stack([fitness(e) for e in emb.float()]).cpu()  # [pairs of this rank]
 
     def evaluate(cands: np.ndarray) -> np.ndarray:
-        keeps = []
-        for c in cands:
-            hs, ns = rescale(layout, c, heads_l, neurons_l)
-            keeps.extend(nested_masks(smap, hs, ns, cfg.sparsities, floors=cfg.floors))
-        emb = masked_embeddings(masked, fit_x, keeps, batch_size=cfg.eval_batch_size, pair_chunk=cfg.pair_chunk,
-                                device=dev, amp_dtype=amp)
-        per_pair = fitness(emb.float())  # [P]
-        return per_pair.view(len(cands), len(cfg.sparsities)).mean(1).double().numpy()
+        per_pair = ctx.gather_cat(ctx.all_or_nothing(lambda: my_pairs(cands), "evaluating candidates"))  # [P]
+        return per_pair.view(len(cands), n_s).mean(1).double().numpy()
 
-    # 3. xNES
-    if state is not None:
-        es = XNES.from_state_dict(state["xnes"])
-        history = state["history"]
-    else:
-        heads_per_block = [b.attention.num_heads if b.attention else 0 for b in smap.blocks]
-        pos = {b.index: i for i, b in enumerate(smap.blocks)}
-        mean0 = initial_mean(len(layout.ffn_blocks), heads_per_block, cfg.mean_start, cfg.mean_end,
-                             ffn_block_indices=[pos[b] for b in layout.ffn_blocks])
-        cov0 = _cka_cov(gm, smap, fit_x, layout) if cfg.cka_init else None
-        es = XNES(mean0, XNESConfig(popsize=cfg.popsize, seed=seed), cov0=cov0)
-        history = []
-    bar = _progress(cfg.iterations, len(history), progress)
-    t1 = time.time()
-    for gen in range(len(history), cfg.iterations):
-        tg = time.time()
-        cands = es.ask()
-        f = evaluate(cands)
+    # 3. xNES: rank 0 owns the optimiser; the others only see its candidates
+    es: Optional[XNES] = None
+    history = list(state["history"]) if state is not None else []
+
+    def start() -> int:
+        nonlocal es
+        if state is not None:
+            es = XNES.from_state_dict(state["xnes"])
+        else:
+            heads_per_block = [b.attention.num_heads if b.attention else 0 for b in smap.blocks]
+            pos = {b.index: i for i, b in enumerate(smap.blocks)}
+            mean0 = initial_mean(len(layout.ffn_blocks), heads_per_block, cfg.mean_start, cfg.mean_end,
+                                 ffn_block_indices=[pos[b] for b in layout.ffn_blocks])
+            cov0 = _cka_cov(gm, smap, fit_x, layout) if cfg.cka_init else None
+            es = XNES(mean0, XNESConfig(popsize=cfg.popsize, seed=seed), cov0=cov0)
+        return es.popsize
+
+    def tell(gen: int, cands: np.ndarray, f: np.ndarray, tg: float) -> None:
         es.tell(cands, f)
         dt = time.time() - tg
         history.append({
@@ -199,19 +235,35 @@ def prune(
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, {"local": local, "xnes": es.state_dict(), "history": history,
                                           "fingerprint": smap.fingerprint(), "config": asdict(cfg)}, _atomic_write)
-        if bar is not None:
-            bar.set_postfix(best=f"{es.best[1]:.4f}", evals_s=f"{history[-1]['evals_per_s']:.1f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    t_search = time.time() - t1
 
-    if es.best[0] is not None:
-        best_c, best_f = np.asarray(es.best[0]), float(es.best[1])
-        mean_f = float(evaluate(np.asarray(es.mean)[None])[0])
-    else:  # iterations == 0: the local ranking alone
-        best_c = layout.ones()
-        best_f = mean_f = float(evaluate(best_c[None])[0])
+    popsize = ctx.main_then_share(start, "starting xNES")
+    bar = _progress(cfg.iterations, len(history), progress and ctx.is_main)
+    t1 = time.time()
+    try:
+        _note_recovery(ctx, ckpt_path, len(history))
+        for gen in range(len(history), cfg.iterations):
+            tg = time.time()
+            cands = ctx.main_then_share(lambda: es.ask(), "sharing the candidates")
+            f = evaluate(cands)
+            ctx.main_then_share(lambda: tell(gen, cands, f, tg), "updating xNES and writing the checkpoint")
+            _note_recovery(ctx, ckpt_path, gen + 1)
+            if bar is not None:
+                bar.set_postfix(best=f"{es.best[1]:.4f}", evals_s=f"{history[-1]['evals_per_s']:.1f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        t_search = time.time() - t1
+
+        best_x, best_f, mean_c, history = ctx.main_then_share(
+            lambda: (es.best[0], float(es.best[1]), es.mean, history), "sharing the search result")
+        if best_x is not None:
+            best_c = np.asarray(best_x)
+            mean_f = float(evaluate(np.asarray(mean_c)[None])[0])
+        else:  # iterations == 0: the local ranking alone
+            best_c = layout.ones()
+            best_f = mean_f = float(evaluate(best_c[None])[0])
+    finally:
+        _note_recovery(ctx, None, None)
     scores = ElasticScores(
         head_sums={b: t.clone() for b, t in local.head_scores.items()},
         neuron_sums={b: t.clone() for b, t in local.neuron_scores.items()},
@@ -221,11 +273,27 @@ def prune(
         sparsities=tuple(cfg.sparsities), floors=cfg.floors, history=history, best_fitness=best_f,
         mean_fitness=mean_f,
         config={**_jsonable(asdict(cfg)), "method": getattr(local, "method", "dino"), "pca_dim": fitness.dim,
-                "popsize": es.popsize, "local_seconds": round(t_local, 2), "search_seconds": round(t_search, 2),
+                "popsize": popsize, "local_seconds": round(t_local, 2), "search_seconds": round(t_search, 2),
                 "fitness_images": int(len(fit_x))},
     )
     log.info("search done: best fitness %.4f (final mean %.4f) in %.1fs", best_f, mean_f, t_search)
     return scores
+
+
+def _note_recovery(ctx, ckpt_path: Optional[Path], generations: Optional[int]) -> None:
+    """What a distributed failure message tells the user about resuming."""
+    if not ctx.enabled:
+        return
+    if generations is None:
+        ctx.recovery = "no checkpoint was written yet"
+    elif ckpt_path is None:
+        ctx.recovery = ("no checkpoint is being written; pass checkpoint_dir (elastic-fx prune --checkpoint-dir) "
+                        "to be able to resume")
+    elif generations == 0:
+        ctx.recovery = f"no generation has finished yet, so {ckpt_path} holds nothing from this run"
+    else:
+        ctx.recovery = (f"the last good checkpoint is {ckpt_path} (after generation {generations}); continue with "
+                        "resume=True (elastic-fx prune --resume), with any number of processes")
 
 
 def _preprocess(gm, images: Any, explicit: Any):

@@ -243,3 +243,30 @@ def test_masked_model_is_detected(caplog):
         report = correct_model(model, layers[1:2], torch.randn(16, 3, 32, 32))
     assert "masked upstream" in caplog.text
     assert report["blocks.0.mlp.fc2"].error_before == pytest.approx(0.0, abs=1e-12)
+
+
+def test_correct_structures_then_slice_on_a_traced_vit():
+    from elastic_fx.passes.correct import CORRECTION_META, correct_structures, correction_layers
+    from elastic_fx.passes.discover import discover
+    from elastic_fx.passes.slice import slice_graph
+    from elastic_fx.tracing import trace
+
+    gm = trace(_tiny_vit(), (torch.randn(2, 3, 32, 32),))
+    smap = discover(gm)
+    keep = {0: {"heads": [1, 3], "neurons": list(range(0, HIDDEN, 2))}, 1: {"heads": [0, 1, 2, 3]}}
+    layers = correction_layers(smap, keep, gm)
+    assert [n for n, _ in layers] == ["blocks.0.attn.proj", "blocks.0.mlp.fc2"]  # block 1 loses nothing
+    assert layers[0][1].tolist() == [False] * HEAD_DIM + [True] * HEAD_DIM + [False] * HEAD_DIM + [True] * HEAD_DIM
+
+    original = gm.get_submodule("blocks.0.mlp.fc2").weight.clone()
+    corrected = correct_structures(gm, smap, keep, torch.randn(128, 3, 32, 32))
+    assert torch.equal(gm.get_submodule("blocks.0.mlp.fc2").weight, original)  # input untouched
+    assert set(corrected.meta[CORRECTION_META]) == {"blocks.0.attn.proj", "blocks.0.mlp.fc2"}
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        dense, unsliced = gm(x), corrected(x)
+        small, small_uncorrected = slice_graph(corrected, smap, keep)(x), slice_graph(gm, smap, keep)(x)
+    torch.testing.assert_close(small, unsliced, rtol=1e-5, atol=1e-5)
+    assert (small - dense).norm() < 0.6 * (small_uncorrected - dense).norm()
+    with pytest.raises(DataError, match="calibration"):
+        correct_structures(gm, smap, keep, None)

@@ -93,3 +93,21 @@ def test_fewer_fitness_images_than_pca_dims_lowers_the_dimension(setup, caplog):
     out = prune(model, images, iterations=1, sparsities=(0.3,), config=cfg, progress=False)
     assert out.config["pca_dim"] < 10
     assert any("PCA" in r.getMessage() or "dim" in r.getMessage() for r in caplog.records)
+
+
+def test_cka_initialisation_gives_an_spd_covariance_in_candidate_order(setup):
+    from elastic_fx.search.candidate import Layout
+    from elastic_fx.search.run import _cka_cov
+
+    model, images = setup
+    gm = efx.trace(model, (images[:2],))
+    smap = efx.discover(gm)
+    layout = Layout.of(smap)
+    cov = _cka_cov(gm, smap, images, layout)
+    assert cov.shape == (layout.dim, layout.dim)
+    assert np.allclose(cov, cov.T) and np.linalg.eigvalsh(cov).min() > 0
+    assert np.allclose(np.diag(cov), 1.0, atol=1e-6)
+    cfg = config()
+    cfg.cka_init = True
+    out = prune(model, images, iterations=1, sparsities=(0.3,), config=cfg, progress=False)
+    assert out.config["cka_init"] is True and len(out.history) == 1
