@@ -281,7 +281,7 @@ def _from_timm(model: torch.nn.Module, pcfg: Mapping[str, Any]) -> dict:
     }
     actual = _patch_embed_size(model)
     if actual is not None and d["input_size"] is not None and _size2(d["input_size"]) != actual:
-        logger.warning(
+        logger.info(  # a deliberate img_size override; the stale config is not the user's mistake
             "%s was built for %s inputs but its pretrained_cfg says %s; using the model's %s.",
             type(model).__name__, actual, _size2(d["input_size"]), actual,
         )

@@ -53,6 +53,7 @@ import atexit
 import datetime
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar, Union
@@ -66,9 +67,12 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "SAME_IMAGES_HINT",
+    "SAME_WEIGHTS_HINT",
     "ENV_TIMEOUT",
     "DistContext",
     "DistributedError",
+    "checksums",
     "current",
     "shutdown",
     "split",
@@ -83,6 +87,16 @@ DEFAULT_TIMEOUT_S = 600.0
 #: Seconds the survivors of a failure wait for each other before naming the missing ranks.
 _GRACE_S = 1.0
 _STORE_PREFIX = "elastic_fx/answered"
+
+
+#: What to do when the ranks disagree on their inputs.
+SAME_WEIGHTS_HINT = (
+    "Load pretrained weights or a checkpoint on every rank, or seed the random initialisation identically "
+    "(torch.manual_seed) before building the model."
+)
+SAME_IMAGES_HINT = (
+    "Give every rank the same image folder (the same path and files on every node) or the same tensor."
+)
 
 
 class DistributedError(ElasticFxError):
@@ -249,6 +263,19 @@ class DistContext:
         out.copy_(host)
         return out
 
+    def check_same(self, value: Any, what: str, hint: str) -> None:
+        """Raise on every rank if ``value`` (e.g. :func:`checksums` of the model) differs from rank 0's."""
+        if not self.enabled:
+            return
+        values = self.all_gather_object(value, f"comparing the {what}")
+        for r, theirs in enumerate(values[1:], start=1):
+            if theirs != values[0]:
+                where = _first_difference(values[0], theirs)
+                raise DistributedError(
+                    f"rank {r} holds different {what} than rank 0{where}; every rank must work on the same "
+                    f"{what}. {hint}"
+                )
+
     # ------------------------------------------------------------------ error protocol
     def main_then_share(self, fn: Callable[[], T], what: str = "sharing rank 0's result") -> T:
         """Run ``fn`` on rank 0 only and give its result (or its error) to every rank.
@@ -313,9 +340,9 @@ class DistContext:
             who = "another rank"
         else:
             who = ("rank " if len(missing) == 1 else "ranks ") + ", ".join(str(r) for r in missing)
-        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        detail = _first_sentence(str(cause)) or type(cause).__name__
         return (
-            f"{who} stopped responding while {what} (rank {self.rank} of {self.world_size} saw: {detail[:200]}). "
+            f"{who} stopped responding while {what} (rank {self.rank} of {self.world_size} saw: {detail}). "
             f"The run stops here; {self.recovery}. A dead rank is reported at once; a hanging one after "
             f"{ENV_TIMEOUT}={self.timeout_s:g} s."
         )
@@ -338,6 +365,48 @@ class DistContext:
                 time.sleep(0.05)
         except Exception:  # the store lived in the dead process, or is unreachable
             return None
+
+
+def checksums(obj: Any) -> Any:
+    """Exact, hardware-independent fingerprints of tensors: integer sums of their bits.
+
+    A module gives ``[(name, checksum)]`` over its parameters and buffers, a tensor one
+    integer, a list or tuple a list. Integer addition is associative, so the value does
+    not depend on the device or on how the sum is split; two random initialisations or
+    two different image sets differ with near certainty.
+    """
+    if isinstance(obj, torch.nn.Module):
+        named = list(obj.named_parameters()) + list(obj.named_buffers())
+        return [(name, checksums(t)) for name, t in named]
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().contiguous().reshape(-1)
+        if flat.numel() == 0:
+            return 0
+        if flat.dtype == torch.bool:
+            flat = flat.to(torch.uint8)
+        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+        return (int(flat.view(as_int).sum(dtype=torch.int64)), tuple(obj.shape), str(obj.dtype))
+    if isinstance(obj, (list, tuple)):
+        return [checksums(x) for x in obj]
+    return obj
+
+
+def _first_difference(ours: Any, theirs: Any) -> str:
+    if isinstance(ours, list) and isinstance(theirs, list):
+        if len(ours) != len(theirs):
+            return f" ({len(theirs)} entries instead of {len(ours)})"
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            if a != b:
+                name = a[0] if isinstance(a, tuple) and a and isinstance(a[0], str) else f"entry {i}"
+                return f" (first difference: {name})"
+    return ""
+
+
+def _first_sentence(text: str) -> str:
+    """The gist of a backend error: no source location, the first sentence, at most 160 characters."""
+    text = re.sub(r"^\s*\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else "")
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _default_store() -> Any:

@@ -475,3 +475,135 @@ def load_labelled(path_or_train_dir: Union[str, Path], test_dir: Union[str, Path
     x_train, y_train = _load_split(train_files, index, image_size, root)
     x_test, y_test = _load_split(test_files, index, image_size, test_root)
     return LabelledData(x_train, y_train, x_test, y_test, names)
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """Quality of the sub-network an :class:`~elastic_fx.ElasticScores` gives at one sparsity.
+
+    ``target_sparsity`` is what was asked; ``sparsity`` what the structure granularity
+    achieved (fraction of prunable parameters removed); ``params`` and ``gflops`` count
+    the whole sliced model; accuracies are in [0, 1] (``linear_top1`` only with a probe).
+    """
+
+    target_sparsity: float
+    sparsity: float
+    params: int
+    gflops: float
+    knn_top1: float
+    linear_top1: Optional[float] = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        """JSON-ready dict of every field."""
+        return {"target_sparsity": self.target_sparsity, "sparsity": self.sparsity, "params": self.params,
+                "gflops": self.gflops, "knn_top1": self.knn_top1, "linear_top1": self.linear_top1,
+                "seconds": self.seconds}
+
+
+def _budget_preprocess(gm: Any, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                       image_size: Optional[int]) -> Tuple[Sequence[float], Sequence[float], Optional[int]]:
+    """``mean``/``std``/``image_size`` to normalise evaluation images with: the caller's, else the model's."""
+    if mean is not None and std is not None:
+        return mean, std, image_size
+    from .data import PREPROCESS_META, PreprocessConfig
+
+    stored = getattr(gm, "meta", {}).get(PREPROCESS_META)
+    if stored is None:
+        raise DataError("this model carries no preprocessing config (timm / Hugging Face / torchvision), so the "
+                        "evaluation images cannot be normalised; pass mean=..., std=... (and image_size=...).")
+    cfg = stored if isinstance(stored, PreprocessConfig) else PreprocessConfig.from_dict(stored)
+    side = cfg.input_size[0] if cfg.input_size[0] == cfg.input_size[1] else None
+    return (mean or cfg.mean), (std or cfg.std), (image_size or side)
+
+
+def _check_sparsities(sparsities: Sequence[float]) -> List[float]:
+    from .errors import BudgetError
+
+    values = list(sparsities) if not isinstance(sparsities, (int, float)) else [sparsities]
+    if not values:
+        raise BudgetError("give at least one sparsity to evaluate, e.g. [0.0, 0.3, 0.5].")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise BudgetError(f"sparsity {v!r} is outside [0, 1); it is the fraction of prunable parameters removed.")
+    return [float(v) for v in values]
+
+
+def evaluate_budgets(
+    model: torch.nn.Module,
+    scores: Any,
+    data: "LabelledData",
+    sparsities: Sequence[float],
+    *,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    image_size: Optional[int] = None,
+    k: int = 20,
+    linear: Optional[LinearProbeConfig] = None,
+    batch_size: int = 64,
+    device: Union[str, torch.device] = "cpu",
+    example_inputs: Any = None,
+) -> List[BudgetResult]:
+    """k-NN (and, with ``linear``, linear-probe) top-1 of the sliced sub-network at every sparsity.
+
+    Args:
+        model: an ``nn.Module`` (traced here) or a GraphModule from :func:`elastic_fx.trace`.
+        scores: an :class:`~elastic_fx.ElasticScores` or the path of an ``.efx`` file.
+        data: a labelled split of uint8 images (:func:`load_labelled`).
+        sparsities: fractions of prunable parameters to remove, each in [0, 1); 0 is the dense model.
+        mean, std, image_size: normalisation of the images; default: the model's own
+            preprocessing config (a :class:`DataError` when it has none).
+        k, linear: k-NN neighbours; linear-probe recipe (None: no probe).
+        example_inputs: for tracing an ``nn.Module``; default: two of ``data``'s train images.
+
+    Every sub-network is physically sliced (:meth:`ElasticModel.at`) and cut at its pooled
+    embedding (:func:`elastic_fx.embedding.embedding_module`); features of the train split
+    are the k-NN reference set, the test split is classified.
+    """
+    import time
+
+    from .budget import achieved
+    from .elastic import ElasticModel
+    from .embedding import embedding_module
+
+    values = _check_sparsities(sparsities)
+    if data.x_train.ndim != 4:
+        raise DataError(f"data holds features of shape {data.x_train.shape}; evaluate_budgets needs uint8 images "
+                        "[N, H, W, C] to run the sliced models on (use knn_top1 for precomputed features).")
+    if example_inputs is None and mean is not None and std is not None and not hasattr(model, "graph"):
+        example_inputs = (to_model_input(data.x_train[:2], mean, std, image_size),)
+    em = ElasticModel(model, scores, example_inputs)  # no example: traced at the model's own input size
+    pre_mean, pre_std, pre_size = _budget_preprocess(em.gm, mean, std, image_size)
+    results = []
+    for s in values:
+        t0 = time.perf_counter()
+        keep = em.keep(s)
+        stats = achieved(em.smap, keep)
+        small = em.at(s)
+        emb = embedding_module(small, em.smap)
+        acc = evaluate_features(emb, data, mean=pre_mean, std=pre_std, image_size=pre_size, batch_size=batch_size,
+                                device=device, k=k, linear=linear)
+        results.append(BudgetResult(target_sparsity=s, sparsity=float(stats["sparsity"]), params=int(stats["params"]),
+                                    gflops=float(stats["gflops"]), knn_top1=acc["knn_top1"],
+                                    linear_top1=acc.get("linear_top1"), seconds=time.perf_counter() - t0))
+        logger.info("sparsity %.2f: k-NN %.4f (%d params) in %.1fs", s, acc["knn_top1"], stats["params"],
+                    results[-1].seconds)
+    return results
+
+
+def format_budget_table(results: Sequence[BudgetResult], title: Optional[str] = None) -> str:
+    """A Markdown table of :func:`evaluate_budgets` results (accuracies in %)."""
+    probe = any(r.linear_top1 is not None for r in results)
+    head = "| target | achieved | params (M) | GFLOPs | k-NN top-1 (%) |" + (" linear top-1 (%) |" if probe else "")
+    rule = "|---:|---:|---:|---:|---:|" + ("---:|" if probe else "")
+    rows = [head, rule]
+    for r in results:
+        row = (f"| {r.target_sparsity:.2f} | {r.sparsity:.3f} | {r.params / 1e6:.3f} | {r.gflops:.3f} "
+               f"| {100 * r.knn_top1:.1f} |")
+        if probe:
+            row += " - |" if r.linear_top1 is None else f" {100 * r.linear_top1:.1f} |"
+        rows.append(row)
+    return "\n".join(([title, ""] if title else []) + rows)

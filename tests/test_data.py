@@ -108,7 +108,7 @@ def test_preprocess_siglip_like_and_model_size_beats_stale_cfg(caplog):
     half = dict(mean=(0.5,) * 3, std=(0.5,) * 3)
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1,
                           img_size=32, pretrained_cfg_overlay=half)
-    with caplog.at_level(logging.WARNING, logger="elastic_fx.data"):
+    with caplog.at_level(logging.INFO, logger="elastic_fx.data"):
         cfg = preprocess_config(m)
     assert cfg.input_size == (32, 32) and cfg.mean == (0.5,) * 3 and cfg.std == (0.5,) * 3
     assert any("(32, 32)" in r.getMessage() for r in caplog.records)

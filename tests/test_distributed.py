@@ -72,10 +72,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, out: Path, job: Callable[[int, Path], Any]) -> None:
+def _rank_main(rank: int, port: int, out: Path, job: Callable[[int, Path], Any], timeout_s: float) -> None:
     """Body of a forked rank: the torchrun environment, the job, its result (or error) to a file."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), **{efd.ENV_TIMEOUT: "30"})
+                      MASTER_PORT=str(port), **{efd.ENV_TIMEOUT: str(timeout_s)})
     code = 0
     try:
         payload: Dict[str, Any] = {"result": job(rank, out)}
@@ -86,15 +86,19 @@ def _rank_main(rank: int, port: int, out: Path, job: Callable[[int, Path], Any])
     os._exit(code)
 
 
-def _launch(job: Callable[[int, Path], Any], out: Path, timeout: float = 120.0) -> List[Dict[str, Any]]:
-    """Run ``job(rank, out)`` on WORLD forked ranks; return each rank's payload."""
+def _launch(job: Callable[[int, Path], Any], out: Path, timeout: float = 120.0, dist_timeout_s: float = 30.0,
+            only_rank0: bool = False) -> List[Dict[str, Any]]:
+    """Run ``job(rank, out)`` on WORLD forked ranks; return each rank's payload.
+
+    ``only_rank0``: wait for rank 0 alone and kill the others then (a rank that hangs).
+    """
     out.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("fork")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, out, job)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_rank_main, args=(r, port, out, job, dist_timeout_s)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    for p in procs:
+    for p in procs[:1] if only_rank0 else procs:
         p.join(timeout)
     for p in procs:
         if p.is_alive():  # only our own children, by handle
@@ -111,15 +115,16 @@ def _launch(job: Callable[[int, Path], Any], out: Path, timeout: float = 120.0) 
 # ----------------------------------------------------------------------------- the jobs
 def _job_main(rank: int, out: Path) -> Dict[str, Any]:
     """Local scores (per-batch and per-sample loop), a 2-generation search, and the error protocol."""
-    ctx = efd.current()
+    ctx = efd.current(device="cpu")  # gloo only: a forked child must not touch CUDA
     assert ctx.enabled and ctx.rank == rank
     res: Dict[str, Any] = {"world_size": ctx.world_size}
     ls = local_scores(_model(), _uint8_images(), batch_size=2, seed=3, dino=SMALL_DINO, preprocess=PRE,
-                      progress=False)
+                      progress=False, device="cpu")
     res["per_batch"] = (ls.head_scores, ls.neuron_scores, ls.config["mean_loss"], ls.config.get("world_size"))
-    loop = local_scores(_model(), _uint8_images()[:3], batch_size=2, seed=4, dino=SMALL_DINO, preprocess=PRE,
-                        mode="per-sample", per_sample="loop", progress=False)
-    res["loop"] = (loop.head_scores, loop.neuron_scores)
+    for kind in ("loop", "ghost"):
+        ps = local_scores(_model(), _uint8_images()[:5], batch_size=2, seed=4, dino=SMALL_DINO, preprocess=PRE,
+                          mode="per-sample", per_sample=kind, progress=False, device="cpu")
+        res[kind] = (ps.head_scores, ps.neuron_scores)
     ckpt = out / f"ckpt{rank}"
     scores = prune(_model(), _float_images(), iterations=2, sparsities=SPARSITIES, config=search_config(),
                    checkpoint_dir=str(ckpt), device="cpu", progress=False)
@@ -135,6 +140,17 @@ def _job_main(rank: int, out: Path) -> Dict[str, Any]:
             res[name] = None
         except ElasticFxError as e:
             res[name] = (type(e).__name__, str(e))
+    # ranks that hold different weights are refused (e.g. an unseeded random initialisation)
+    model = _model()
+    if rank == 1:
+        with torch.no_grad():
+            model.blocks[1].mlp.fc1.bias[0] += 1.0
+    try:
+        local_scores(model, _uint8_images(), batch_size=2, dino=SMALL_DINO, preprocess=PRE, progress=False,
+                     device="cpu")
+        res["other_weights"] = None
+    except ElasticFxError as e:
+        res["other_weights"] = (type(e).__name__, str(e))
     return res
 
 
@@ -162,6 +178,29 @@ def _job_dead_rank(rank: int, out: Path) -> Dict[str, Any]:
     return "finished"
 
 
+def _job_hanging_rank(rank: int, out: Path) -> Dict[str, Any]:
+    """Rank 1 hangs in the first generation; rank 0 must give up after the timeout."""
+    import time
+
+    import elastic_fx.passes.mask as mask
+
+    real = mask.masked_embeddings
+
+    def hanging(*args, **kwargs):
+        if rank == 1:
+            time.sleep(120)  # killed by the test long before
+        return real(*args, **kwargs)
+
+    mask.masked_embeddings = hanging
+    t0 = time.monotonic()
+    try:
+        prune(_model(), _float_images(), iterations=2, sparsities=SPARSITIES, config=search_config(),
+              device="cpu", progress=False)
+    except ElasticFxError as e:
+        return (type(e).__name__, str(e), time.monotonic() - t0)
+    return None
+
+
 def _summary(scores) -> Dict[str, Any]:
     return {
         "c": scores.c, "best_fitness": scores.best_fitness, "mean_fitness": scores.mean_fitness,
@@ -184,11 +223,14 @@ def single(tmp_path_factory):
     """The same calls in this process (world size 1)."""
     ls = local_scores(_model(), _uint8_images(), batch_size=2, seed=3, dino=SMALL_DINO, preprocess=PRE,
                       progress=False, distributed=False)
-    loop = local_scores(_model(), _uint8_images()[:3], batch_size=2, seed=4, dino=SMALL_DINO, preprocess=PRE,
-                        mode="per-sample", per_sample="loop", progress=False, distributed=False)
+    per_sample = {
+        kind: local_scores(_model(), _uint8_images()[:5], batch_size=2, seed=4, dino=SMALL_DINO, preprocess=PRE,
+                           mode="per-sample", per_sample=kind, progress=False, distributed=False)
+        for kind in ("loop", "ghost")
+    }
     scores = prune(_model(), _float_images(), iterations=2, sparsities=SPARSITIES, config=search_config(),
                    device="cpu", progress=False, distributed=False)
-    return {"per_batch": ls, "loop": loop, "prune": _summary(scores)}
+    return {"per_batch": ls, **per_sample, "prune": _summary(scores)}
 
 
 def _assert_same_scores(got, want) -> None:
@@ -255,12 +297,13 @@ def test_distributed_dino_scores_equal_one_process_bit_for_bit(ranks, single):
     assert "world_size" not in want.config
 
 
-def test_distributed_per_sample_loop_scores_equal_one_process(ranks, single):
-    """Per-sample loop: the loss is called once per image, so rank 1 skips crops image by image."""
+@pytest.mark.parametrize("kind", ["loop", "ghost"])
+def test_distributed_per_sample_scores_equal_one_process(ranks, single, kind):
+    """The loop calls the loss once per image (rank 1 skips crops image by image), ghost once per batch."""
     for r in ranks:
-        heads, neurons = r["loop"]
-        _assert_same_scores(heads, single["loop"].head_scores)
-        _assert_same_scores(neurons, single["loop"].neuron_scores)
+        heads, neurons = r[kind]
+        _assert_same_scores(heads, single[kind].head_scores)
+        _assert_same_scores(neurons, single[kind].neuron_scores)
 
 
 def test_distributed_search_follows_the_single_process_trajectory(ranks, single):
@@ -284,6 +327,14 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(ranks):
         assert r["main_then_share"] == ("DataError", "image 7 is unreadable (raised on rank 0)")
 
 
+def test_ranks_with_different_weights_are_refused_on_every_rank(ranks):
+    for r in ranks:
+        kind, msg = r["other_weights"]
+        assert kind == "DistributedError"
+        assert "rank 1 holds different model weights than rank 0" in msg and "blocks.1.mlp.fc1.bias" in msg
+        assert "torch.manual_seed" in msg
+
+
 def test_a_dead_rank_stops_the_run_and_the_checkpoint_resumes_with_one_process(tmp_path, single):
     out = tmp_path / "dead"
     payloads = _launch(_job_dead_rank, out)
@@ -302,3 +353,12 @@ def test_a_dead_rank_stops_the_run_and_the_checkpoint_resumes_with_one_process(t
     got, want = _summary(resumed), single["prune"]
     assert np.array_equal(got["c"], want["c"]) and got["history"] == want["history"]
     assert got["best_fitness"] == want["best_fitness"]
+
+
+def test_a_hanging_rank_stops_the_run_after_the_timeout(tmp_path):
+    payloads = _launch(_job_hanging_rank, tmp_path / "hang", dist_timeout_s=8.0, only_rank0=True)
+    kind, msg, seconds = payloads[0]["result"]
+    assert kind == "DistributedError"
+    assert "rank 1 stopped responding while evaluating candidates" in msg and "Timed out" in msg
+    assert "no checkpoint is being written" in msg  # no checkpoint_dir was given
+    assert seconds < 60

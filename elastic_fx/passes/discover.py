@@ -273,7 +273,6 @@ class _Analysis:
     def _composite(self, chans: Sequence[torch.Tensor], owner: torch.Tensor, n: int) -> Optional[List[ParamSlice]]:
         """A bias built from parameters (``cat(q_bias, zeros, v_bias)``): map each element to its row's owner."""
         per_param: Dict[str, torch.Tensor] = {}
-        covered = torch.zeros_like(owner, dtype=torch.bool)
         for c in chans:
             src, loc = self.decode(c)
             for s in src.unique().tolist():
@@ -283,11 +282,8 @@ class _Analysis:
                 rows = (src == s).nonzero().squeeze(1)
                 elem_owner = per_param.setdefault(name, torch.full((self.source(s).size,), -1, dtype=torch.long))
                 elem_owner[loc[rows]] = owner[rows]
-                covered[rows] = True
-        if ((owner >= 0) & ~covered).any():
-            # rows with no parameter behind their bias (e.g. the zero k-bias of EVA) are fine
-            # only if the unmapped rows' bias is a constant: we cannot tell, so require nothing.
-            pass
+        # Rows whose bias comes from no parameter (a constant, e.g. zeros for k) need no slice:
+        # the constant is built from the sliced parameters' shapes.
         out = []
         for name, elem_owner in per_param.items():
             shape = self.param_shape(name)

@@ -65,7 +65,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..data import PREPROCESS_META, PreprocessConfig, TensorSource, as_source, load_tensor, raw_images
-from ..distributed import DistContext, current
+from ..distributed import SAME_IMAGES_HINT, SAME_WEIGHTS_HINT, DistContext, checksums, current
 from ..errors import DataError, NumericalError, ScoresError
 from ..kernels.sqgrad import SqgradJob, ghost_sqnorm, sqgrad_accumulate_many
 from ..structures import ParamSlice, StructureMap
@@ -1124,6 +1124,9 @@ def local_scores(
     objective, data, n_images = ctx.all_or_nothing(
         lambda: build_objective(gm, smap, method, loss_fn, images, cfg, dino=dino, labels=labels,
                                 preprocess=preprocess), "loading the images")
+    if ctx.enabled:
+        ctx.check_same(checksums(gm), "model weights", SAME_WEIGHTS_HINT)
+        ctx.check_same(checksums(data), "images", SAME_IMAGES_HINT)
     heads, neurons, stats = fisher_pass(gm, smap, objective, data, n_images, cfg, dist=ctx)
     config = {
         "batch_size": batch_size, "seed": seed, "num_images_requested": num_images,

@@ -127,7 +127,7 @@ def prune(
         ElasticScores.
     """
     from ..data import load_tensor
-    from ..distributed import current
+    from ..distributed import SAME_IMAGES_HINT, SAME_WEIGHTS_HINT, checksums, current
     from ..elastic import ElasticScores, _atomic_write
     from ..embedding import embedding_module
     from ..passes.discover import discover
@@ -144,6 +144,7 @@ def prune(
         example_inputs = (images[:2].clone(),)
     gm = trace(model, example_inputs)
     smap = discover(gm)
+    ctx.check_same(checksums(gm), "model weights", SAME_WEIGHTS_HINT)
     _validate(cfg, smap)
     layout = Layout.of(smap)
     if layout.dim == 0:
@@ -173,6 +174,7 @@ def prune(
     # 2. fitness images and the dense reference (image batches split over the ranks)
     fit_x = ctx.all_or_nothing(lambda: load_tensor(fit_src, pre, cfg.num_fitness_images, seed=seed + 1),
                                "loading the fitness images")
+    ctx.check_same(checksums(fit_x), "fitness images", SAME_IMAGES_HINT)
     embed = embedding_module(gm, smap).to(dev).eval()
     ebs = cfg.eval_batch_size
     first, stop = ctx.span(len(fit_x), unit=ebs)
