@@ -9,14 +9,22 @@ by side:
 * ``torch`` - PyTorch eager, fp32, ``torch.inference_mode()``, ``torch.set_num_threads``
               = all cores, the fx GraphModule itself (the dense one is the traced,
               unsliced GraphModule, so dense and sliced run the same kind of graph);
+* ``ort-1t-cpu`` / ``torch-1t-cpu`` - the same with ONE thread, timed by the CPU time of
+              the calling thread (``time.thread_time``; with one intra-op thread both
+              runtimes compute on the caller's thread). On a machine shared with other jobs
+              wall-clock latency at all cores swings by several x (a descheduled worker
+              thread stalls every parallel op), while this clock counts only the compute:
+              it is the contention-robust measure of the work slicing saves;
 * on CUDA, when present: ``ort-cuda`` (CUDAExecutionProvider with I/O bound on the
   device, if the provider exists), ``torch-cuda`` (fp32) and ``torch-cuda-bf16``
   (bf16 autocast).
 
-at batch 1 and batch 16. Every (config, backend) pair is timed in rounds: each round
-visits all pairs in a freshly shuffled order (seeded), so slow drift of the machine (other
-jobs, thermal) spreads over all configs instead of biasing the ones measured last. The
-figure per pair is the median of all timed calls over all rounds.
+at batch 1 and batch 16. After one untimed warm-up call per (config, backend) pair, the
+pairs are timed in rounds: each round makes ONE timed call of every pair, in a freshly
+shuffled order (seeded). Switching pair after every call spreads slow drift and bursts of
+other jobs on a shared machine evenly over all configs instead of biasing the ones that
+happened to run during a burst. The figure per pair is the median of its calls over all
+rounds; the best-of (fastest call) is reported next to it.
 
 Reported per config: parameters, GFLOPs (``efx.achieved``: the paper's Table-7 count),
 ``flops_ratio`` = dense FLOPs / config FLOPs, the median latencies, ``speedup`` = dense
@@ -32,7 +40,7 @@ weights' values.
     python benchmarks/bench_sliced_inference.py              # ViT-B/16 (several minutes on CPU)
     python benchmarks/bench_sliced_inference.py --json-out benchmarks/results/sliced_inference.json
 
-Progress goes to stderr; stdout gets the machine description, a markdown table and, last,
+Progress goes to stderr; stdout gets the machine description, markdown tables and, last,
 ONE JSON line with the headline figures (plus every config's numbers). Never run by pytest.
 """
 
@@ -66,16 +74,10 @@ HEADLINE_SPARSITY = 0.4
 # ----------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class BatchPlan:
-    """How one batch size is timed: ``rounds`` x ``iters`` timed calls per (config, backend).
-
-    ``warmup`` untimed calls precede each pair's timed calls in every round (one global
-    warm-up call per pair always runs before the first round).
-    """
+    """How one batch size is timed: ``rounds`` timed calls per (config, backend), one per round."""
 
     batch: int
     rounds: int
-    iters: int
-    warmup: int
 
 
 @dataclass(frozen=True)
@@ -92,14 +94,14 @@ QUICK = BenchConfig(
     model="vit_tiny_patch16_224",
     img_size=224,
     sparsities=(0.0, 0.4, 0.6),
-    plans=(BatchPlan(1, rounds=3, iters=3, warmup=1), BatchPlan(16, rounds=2, iters=1, warmup=0)),
+    plans=(BatchPlan(1, rounds=9), BatchPlan(16, rounds=2)),
 )
 FULL = BenchConfig(
     model="vit_base_patch16_224",
     img_size=224,
     sparsities=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
-    # batch 16 of ViT-B/16 is ~560 GFLOP per call: few calls, no per-round warm-up.
-    plans=(BatchPlan(1, rounds=5, iters=4, warmup=1), BatchPlan(16, rounds=3, iters=2, warmup=0)),
+    # batch 16 of ViT-B/16 is ~560 GFLOP per call: few rounds.
+    plans=(BatchPlan(1, rounds=15), BatchPlan(16, rounds=4)),
 )
 
 
@@ -245,7 +247,26 @@ def build_variants(cfg: BenchConfig, workdir: Path) -> Tuple[List[Variant], efx.
 
 
 # ----------------------------------------------------------------------------- runners
-Runner = Callable[[], None]
+@dataclass(frozen=True)
+class Runner:
+    """One forward pass of one (config, backend) pair, with the CPU threads it uses.
+
+    ``clock`` "wall": ``time.perf_counter`` around the call. "cpu": ``time.thread_time`` of
+    the calling thread, used for the 1-thread backends: with one intra-op thread both
+    onnxruntime and PyTorch compute on the caller's thread, so its CPU time is the compute
+    time without the waiting that other jobs on a shared machine cause.
+    """
+
+    run: Callable[[], object]
+    threads: int
+    clock: str = "wall"
+
+
+def backend_name(kind: str, threads: int, all_cores: int) -> str:
+    """``ort`` / ``torch`` at all cores (wall clock), ``ort-1t-cpu`` at one thread (CPU clock)."""
+    if threads == all_cores:
+        return kind
+    return f"{kind}-1t-cpu" if threads == 1 else f"{kind}-{threads}t"
 
 
 def ort_options(threads: int):
@@ -260,13 +281,12 @@ def ort_options(threads: int):
     return o
 
 
-def ort_cpu_runner(session, x: np.ndarray) -> Runner:
-    name = session.get_inputs()[0].name
-    feed = {name: x}
+def ort_cpu_call(session, x: np.ndarray) -> Callable[[], object]:
+    feed = {session.get_inputs()[0].name: x}
     return lambda: session.run(None, feed)
 
 
-def ort_cuda_runner(session, x: np.ndarray) -> Runner:
+def ort_cuda_call(session, x: np.ndarray) -> Callable[[], object]:
     """Input and outputs stay on the GPU (I/O binding), so no host copy is timed."""
     import onnxruntime as ort
 
@@ -283,7 +303,7 @@ def ort_cuda_runner(session, x: np.ndarray) -> Runner:
     return run
 
 
-def torch_runner(module: torch.nn.Module, x: torch.Tensor, bf16: bool = False) -> Runner:
+def torch_call(module: torch.nn.Module, x: torch.Tensor, bf16: bool = False) -> Callable[[], object]:
     cuda = x.is_cuda
 
     def run() -> None:
@@ -299,61 +319,72 @@ def torch_runner(module: torch.nn.Module, x: torch.Tensor, bf16: bool = False) -
     return run
 
 
-def make_runners(variants: Sequence[Variant], batch: int, img_size: int, threads: int,
-                 sessions: Dict[Tuple[str, str], object], cuda_modules: Dict[str, torch.nn.Module]
-                 ) -> Dict[Tuple[str, str], Runner]:
-    """(variant label, backend) -> a callable doing one forward pass at ``batch``."""
-    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch))
-    x_np = x.numpy()
-    runners: Dict[Tuple[str, str], Runner] = {}
-    for v in variants:
-        runners[(v.label, "ort")] = ort_cpu_runner(sessions[(v.label, "cpu")], x_np)
-        runners[(v.label, "torch")] = torch_runner(v.module, x)
-        if (v.label, "cuda") in sessions:
-            runners[(v.label, "ort-cuda")] = ort_cuda_runner(sessions[(v.label, "cuda")], x_np)
-        if v.label in cuda_modules:
-            xc = x.cuda()
-            runners[(v.label, "torch-cuda")] = torch_runner(cuda_modules[v.label], xc)
-            runners[(v.label, "torch-cuda-bf16")] = torch_runner(cuda_modules[v.label], xc, bf16=True)
-    return runners
-
-
-def open_sessions(variants: Sequence[Variant], threads: int) -> Dict[Tuple[str, str], object]:
+def open_sessions(variants: Sequence[Variant], thread_counts: Sequence[int]) -> Dict[Tuple[str, str], object]:
+    """(label, "cpu<threads>" | "cuda") -> onnxruntime session; every CPU one with the same options."""
     import onnxruntime as ort
 
     sessions: Dict[Tuple[str, str], object] = {}
     cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
     for v in variants:
-        sessions[(v.label, "cpu")] = ort.InferenceSession(str(v.onnx_path), ort_options(threads),
-                                                          providers=["CPUExecutionProvider"])
+        for n in thread_counts:
+            sessions[(v.label, f"cpu{n}")] = ort.InferenceSession(
+                str(v.onnx_path), ort_options(n), providers=["CPUExecutionProvider"])
         if cuda:
             sessions[(v.label, "cuda")] = ort.InferenceSession(
-                str(v.onnx_path), ort_options(threads),
+                str(v.onnx_path), ort_options(thread_counts[0]),
                 providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
     return sessions
 
 
+def make_runners(variants: Sequence[Variant], batch: int, img_size: int, thread_counts: Sequence[int],
+                 sessions: Dict[Tuple[str, str], object], cuda_modules: Dict[str, torch.nn.Module]
+                 ) -> Dict[Tuple[str, str], Runner]:
+    """(variant label, backend) -> a Runner doing one forward pass at ``batch``; same input for all."""
+    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch))
+    x_np = x.numpy()
+    all_cores = thread_counts[0]
+    runners: Dict[Tuple[str, str], Runner] = {}
+    for v in variants:
+        for n in thread_counts:
+            clock = "cpu" if n == 1 else "wall"
+            runners[(v.label, backend_name("ort", n, all_cores))] = Runner(
+                ort_cpu_call(sessions[(v.label, f"cpu{n}")], x_np), n, clock)
+            runners[(v.label, backend_name("torch", n, all_cores))] = Runner(torch_call(v.module, x), n, clock)
+        if (v.label, "cuda") in sessions:
+            runners[(v.label, "ort-cuda")] = Runner(ort_cuda_call(sessions[(v.label, "cuda")], x_np), all_cores)
+        if v.label in cuda_modules:
+            xc = x.cuda()
+            runners[(v.label, "torch-cuda")] = Runner(torch_call(cuda_modules[v.label], xc), all_cores)
+            runners[(v.label, "torch-cuda-bf16")] = Runner(torch_call(cuda_modules[v.label], xc, bf16=True),
+                                                           all_cores)
+    return runners
+
+
 # ----------------------------------------------------------------------------- timing
+def timed(runner: Runner) -> float:
+    torch.set_num_threads(runner.threads)  # outside the timed region; ORT ignores it
+    clock = time.thread_time if runner.clock == "cpu" else time.perf_counter
+    t0 = clock()
+    runner.run()
+    return clock() - t0
+
+
 def measure(plan: BatchPlan, runners: Dict[Tuple[str, str], Runner], samples: Samples, seed: int) -> None:
-    """Round-robin over every (variant, backend) pair in a shuffled order per round."""
+    """One warm-up call per pair, then ``plan.rounds`` rounds of one call per pair, shuffled per round."""
     keys = sorted(runners)
-    for key in keys:  # global warm-up: first-call allocations, ORT arena growth, lazy init
-        runners[key]()
+    for key in keys:  # first-call allocations, ORT arena growth, lazy init
+        timed(runners[key])
     rng = random.Random(seed * 1000 + plan.batch)
+    every = max(1, plan.rounds // 5)
     for r in range(plan.rounds):
         order = keys[:]
         rng.shuffle(order)
         t_round = time.perf_counter()
         for key in order:
-            run = runners[key]
-            for _ in range(plan.warmup):
-                run()
-            for _ in range(plan.iters):
-                t0 = time.perf_counter()
-                run()
-                samples.add((key[0], key[1], plan.batch), time.perf_counter() - t0)
-        log(f"batch {plan.batch}: round {r + 1}/{plan.rounds} in {time.perf_counter() - t_round:.1f}s, "
-            f"load {load_average()}")
+            samples.add((key[0], key[1], plan.batch), timed(runners[key]))
+        if (r + 1) % every == 0 or r + 1 == plan.rounds:
+            log(f"batch {plan.batch}: round {r + 1}/{plan.rounds} ({time.perf_counter() - t_round:.1f}s), "
+                f"load {load_average()}")
 
 
 # ----------------------------------------------------------------------------- report
@@ -398,19 +429,18 @@ def results(variants: Sequence[Variant], samples: Samples, backends: Sequence[st
     return rows
 
 
-def markdown(rows: Sequence[Dict[str, object]], backends: Sequence[str], batches: Sequence[int],
-             stat: str = "median") -> str:
-    """One table: ``stat`` "median" (latency ± half IQR, speedup, eff.) or "min" (best-of)."""
+def markdown(rows: Sequence[Dict[str, object]], backends: Sequence[str], batch: int, stat: str = "median") -> str:
+    """One table for one batch size: ``stat`` "median" (latency ± half IQR) or "best" (best-of)."""
     pre = "" if stat == "median" else "best_"
     head = ["config", "sparsity", "params (M)", "GFLOPs", "FLOPs ratio"]
-    tags = [f"{be}_b{b}" for be in backends for b in batches if f"{be}_b{b}_ms" in rows[0]]
-    for t in tags:
-        head += [f"{t} {stat} ms", f"{t} speedup (eff.)"]
+    tags = [(be, f"{be}_b{batch}") for be in backends if f"{be}_b{batch}_ms" in rows[0]]
+    for be, _ in tags:
+        head += [f"{be} ms", f"{be} speedup (eff.)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r["config"]), f"{r['sparsity']:.3f}", f"{r['params_m']:.1f}", f"{r['gflops']:.2f}",
                  f"{r['flops_ratio']:.3f}x"]
-        for t in tags:
+        for _, t in tags:
             iqr = r.get(f"{t}_iqr") if stat == "median" else None
             cells.append(f"{r[f'{t}_{pre}ms']:.1f}" + (f" (±{100 * iqr / 2:.0f}%)" if iqr is not None else ""))
             cells.append(f"{r[f'{t}_{pre}speedup']:.3f}x ({r[f'{t}_{pre}eff']:.2f})")
@@ -456,13 +486,16 @@ def write_json_atomic(path: str, payload: Dict[str, object]) -> None:
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    cores = os.cpu_count() or 1
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="ViT-Ti/16, 4 configs, few calls (< 2 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="ViT-Ti/16, 3 configs, few calls (< 2 min on 2 cores)")
     p.add_argument("--model", help="timm model name (default: vit_base_patch16_224; quick: vit_tiny_patch16_224)")
     p.add_argument("--sparsities", type=float, nargs="+", help="sliced configs (dense is always added)")
     p.add_argument("--scores", choices=("magnitude", "random"), default="magnitude")
     p.add_argument("--rounds-scale", type=float, default=1.0, help="multiply every plan's rounds by this")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (ORT intra-op and torch)")
+    p.add_argument("--threads", type=int, nargs="+", default=[cores] + ([1] if cores > 1 else []),
+                   help="CPU thread counts to time (ORT intra-op and torch); the first is the main one "
+                        f"(default: {cores} = all cores, plus 1 thread timed by CPU clock)")
     p.add_argument("--keep-onnx", metavar="DIR", help="write the .onnx files here instead of a temp dir")
     p.add_argument("--json-out", metavar="PATH", help="also write the final JSON (indented) here, atomically")
     p.add_argument("--seed", type=int, default=0)
@@ -477,19 +510,21 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         if bad:
             raise SystemExit(f"--sparsities must lie in (0, 1), got {bad}")
         sparsities = (0.0,) + tuple(sorted(set(args.sparsities)))
-    plans = tuple(BatchPlan(p.batch, max(1, round(p.rounds * args.rounds_scale)), p.iters, p.warmup)
-                  for p in base.plans)
+    if any(n < 1 for n in args.threads) or len(set(args.threads)) != len(args.threads):
+        raise SystemExit(f"--threads must be distinct counts >= 1, got {args.threads}")
+    plans = tuple(BatchPlan(p.batch, max(1, round(p.rounds * args.rounds_scale))) for p in base.plans)
     return BenchConfig(args.model or base.model, base.img_size, sparsities, plans, args.scores, args.seed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = parse_args(argv)
     cfg = config_from(args)
-    torch.set_num_threads(args.threads)
+    threads = list(args.threads)
+    torch.set_num_threads(threads[0])
     info = machine_info()
-    info["threads_used"] = args.threads
+    info["threads"] = threads
     info["load_before"] = load_average()
-    log(f"{cfg.model}: configs {cfg.sparsities}, threads {args.threads}, load {info['load_before']}")
+    log(f"{cfg.model}: configs {cfg.sparsities}, threads {threads}, load {info['load_before']}")
     t_start = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="bench_sliced_") as tmp:
@@ -497,25 +532,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         workdir.mkdir(parents=True, exist_ok=True)
         variants, _ = build_variants(cfg, workdir)
         t_build = time.perf_counter() - t_start
-        sessions = open_sessions(variants, args.threads)
+        sessions = open_sessions(variants, threads)
         cuda_modules: Dict[str, torch.nn.Module] = {}
         if torch.cuda.is_available():
             import copy
 
             cuda_modules = {v.label: copy.deepcopy(v.module).cuda().eval() for v in variants}
-        backends = ["ort", "torch"]
-        if any(k[1] == "cuda" for k in sessions):
-            backends.append("ort-cuda")
-        if cuda_modules:
-            backends += ["torch-cuda", "torch-cuda-bf16"]
 
         samples = Samples()
         t_measure = time.perf_counter()
+        backends: List[str] = []
         for plan in cfg.plans:
-            runners = make_runners(variants, plan.batch, cfg.img_size, args.threads, sessions, cuda_modules)
+            runners = make_runners(variants, plan.batch, cfg.img_size, threads, sessions, cuda_modules)
+            backends += [be for be in dict.fromkeys(k[1] for k in sorted(runners)) if be not in backends]
             measure(plan, runners, samples, cfg.seed)
         t_measure = time.perf_counter() - t_measure
 
+    backends.sort(key=lambda be: ("cuda" in be, be.startswith("torch"), be))
     batches = [p.batch for p in cfg.plans]
     rows = results(variants, samples, backends, batches)
     tags = [f"{be}_b{b}" for be in backends for b in batches]
@@ -526,6 +559,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "quick": bool(args.quick),
         "scores": cfg.scores,
         "plans": [vars(p) for p in cfg.plans],
+        "backends": backends,
         "headline": headline(rows, tags),
         "machine": info,
         "seconds": {"build": round(t_build, 1), "measure": round(t_measure, 1),
@@ -534,18 +568,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     }
 
     print(f"## {cfg.model}, {cfg.img_size}px, scores={cfg.scores}")
-    print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, threads={args.threads}, "
+    print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, threads={threads}, "
           f"torch {info['torch']}, onnxruntime {info['onnxruntime']}, timm {info['timm']}, "
           f"cuda: {info['cuda'] or 'none'}; load {info['load_before']} -> {info['load_after']}")
-    print("speedup = dense latency / config latency; eff. = speedup / FLOPs ratio (goal >= 0.9)")
-    print()
-    print("median of all timed calls (latency ± half the interquartile range):")
-    print()
-    print(markdown(rows, backends, batches, "median"))
-    print()
-    print("best-of (fastest call; least disturbed by other jobs on a shared CPU):")
-    print()
-    print(markdown(rows, backends, batches, "min"))
+    print("speedup = dense latency / config latency; eff. = speedup / FLOPs ratio (goal >= 0.9); "
+          "*-1t-cpu: one thread, CPU time of the calling thread")
+    for stat, what in (("median", "median of all timed calls (± half the interquartile range)"),
+                       ("best", "best-of (fastest call; least disturbed by other jobs on a shared CPU)")):
+        for b in batches:
+            print(f"\n### batch {b}, {what}\n")
+            print(markdown(rows, backends, b, stat))
     print()
     if args.json_out:
         write_json_atomic(args.json_out, payload)

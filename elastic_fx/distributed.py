@@ -52,6 +52,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import math
 import os
 import re
 import time
@@ -113,7 +114,7 @@ def timeout_seconds() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise DistributedError(f"{ENV_TIMEOUT}={raw!r}; expected a positive number of seconds, e.g. 600.")
     return value
 

@@ -1,10 +1,12 @@
 """Distributed scoring and search (torch.distributed, gloo, 2 CPU processes) against one process.
 
-The ranks are forked from the test process with the environment torchrun would give them
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the library's own detection
-and process-group set-up are what run; forking avoids re-importing torch in each rank.
+The ranks are started with the environment torchrun would give them (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the library's own detection and process-group
+set-up are what run. They come from a multiprocessing fork server that imported torch,
+timm and elastic_fx once: a plain fork of the test process is not allowed after autograd
+has run in it, and a fresh interpreter per rank would re-import everything each time.
 Each rank writes what it returns to a file; the tests compare that with the same call
-made in this process.
+made in this process (one thread everywhere, as in the ranks).
 
 What "the same" means here: the distributed design adds each batch's squared-gradient
 buffer in global batch order and evaluates exactly the pair chunks one process evaluates,
@@ -36,7 +38,7 @@ from zoo import build
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32" or not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo and fork()",
+    reason="needs torch.distributed with gloo and a multiprocessing fork server",
 )
 
 WORLD = 2
@@ -76,6 +78,7 @@ def _rank_main(rank: int, port: int, out: Path, job: Callable[[int, Path], Any],
     """Body of a forked rank: the torchrun environment, the job, its result (or error) to a file."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), **{efd.ENV_TIMEOUT: str(timeout_s)})
+    torch.set_num_threads(1)
     code = 0
     try:
         payload: Dict[str, Any] = {"result": job(rank, out)}
@@ -93,7 +96,8 @@ def _launch(job: Callable[[int, Path], Any], out: Path, timeout: float = 120.0, 
     ``only_rank0``: wait for rank 0 alone and kill the others then (a rank that hangs).
     """
     out.mkdir(parents=True, exist_ok=True)
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "timm", "elastic_fx.search.run", "elastic_fx.scoring.local", __name__])
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, port, out, job, dist_timeout_s)) for r in range(WORLD)]
     for p in procs:
@@ -115,9 +119,11 @@ def _launch(job: Callable[[int, Path], Any], out: Path, timeout: float = 120.0, 
 # ----------------------------------------------------------------------------- the jobs
 def _job_main(rank: int, out: Path) -> Dict[str, Any]:
     """Local scores (per-batch and per-sample loop), a 2-generation search, and the error protocol."""
-    ctx = efd.current(device="cpu")  # gloo only: a forked child must not touch CUDA
+    ctx = efd.current(device="cpu")  # gloo only: the test runs on the CPU
     assert ctx.enabled and ctx.rank == rank
     res: Dict[str, Any] = {"world_size": ctx.world_size}
+    lo, hi = ctx.span(len(_fp64_parts()))
+    res["ordered_sum"] = ctx.ordered_sum(_fp64_parts()[lo:hi], torch.zeros(64, dtype=torch.float64))
     ls = local_scores(_model(), _uint8_images(), batch_size=2, seed=3, dino=SMALL_DINO, preprocess=PRE,
                       progress=False, device="cpu")
     res["per_batch"] = (ls.head_scores, ls.neuron_scores, ls.config["mean_loss"], ls.config.get("world_size"))
@@ -152,6 +158,12 @@ def _job_main(rank: int, out: Path) -> Dict[str, Any]:
     except ElasticFxError as e:
         res["other_weights"] = (type(e).__name__, str(e))
     return res
+
+
+def _fp64_parts() -> List[torch.Tensor]:
+    """Eight float64 buffers of very different magnitudes: how they are associated changes the sum."""
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(64, dtype=torch.float64, generator=g) * 10.0 ** (3 * (k % 4)) for k in range(8)]
 
 
 def _fail_on(bad_rank: int, rank: int) -> int:
@@ -219,7 +231,15 @@ def ranks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single(one_thread):
     """The same calls in this process (world size 1)."""
     ls = local_scores(_model(), _uint8_images(), batch_size=2, seed=3, dino=SMALL_DINO, preprocess=PRE,
                       progress=False, distributed=False)
@@ -286,6 +306,18 @@ def test_every_rank_sees_the_launcher_world(ranks):
     assert [r["world_size"] for r in ranks] == [WORLD, WORLD]
 
 
+def test_ordered_sum_adds_in_global_order_exactly_in_fp64(ranks):
+    parts = _fp64_parts()
+    sequential = torch.zeros(64, dtype=torch.float64)
+    for p in parts:
+        sequential += p
+    for r in ranks:
+        assert torch.equal(r["ordered_sum"], sequential)
+    # summing each rank's half first and then the halves would NOT give the sequential result
+    halves = torch.zeros(64, dtype=torch.float64) + sum(parts[:4]) + sum(parts[4:])
+    assert not torch.equal(halves, sequential)
+
+
 def test_distributed_dino_scores_equal_one_process_bit_for_bit(ranks, single):
     """7 uint8 images in batches of 2: rank 0 scores batches 0-1, rank 1 skips their crops and scores 2-3."""
     want = single["per_batch"]
@@ -335,7 +367,7 @@ def test_ranks_with_different_weights_are_refused_on_every_rank(ranks):
         assert "torch.manual_seed" in msg
 
 
-def test_a_dead_rank_stops_the_run_and_the_checkpoint_resumes_with_one_process(tmp_path, single):
+def test_a_dead_rank_stops_the_run_and_the_checkpoint_resumes_with_one_process(tmp_path, single, one_thread):
     out = tmp_path / "dead"
     payloads = _launch(_job_dead_rank, out)
     assert payloads[1]["error"] == "no result"  # rank 1 exited without a word
@@ -356,7 +388,7 @@ def test_a_dead_rank_stops_the_run_and_the_checkpoint_resumes_with_one_process(t
 
 
 def test_a_hanging_rank_stops_the_run_after_the_timeout(tmp_path):
-    payloads = _launch(_job_hanging_rank, tmp_path / "hang", dist_timeout_s=8.0, only_rank0=True)
+    payloads = _launch(_job_hanging_rank, tmp_path / "hang", dist_timeout_s=6.0, only_rank0=True)
     kind, msg, seconds = payloads[0]["result"]
     assert kind == "DistributedError"
     assert "rank 1 stopped responding while evaluating candidates" in msg and "Timed out" in msg

@@ -258,6 +258,125 @@ def test_load_labelled_folder_errors(tmp_path):
         load_labelled(tmp_path / "tr", tmp_path / "tr")
 
 
+# ----------------------------------------------------------------------------- budgets
+
+
+def _tiny_vit(num_classes: int = 3, depth: int = 2):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=depth,
+                                                             num_heads=4, mlp_ratio=2, num_classes=num_classes).eval()
+
+
+def _colour_data(n_train: int = 30, n_test: int = 15, classes: int = 3) -> LabelledData:
+    """uint8 16x16 images whose brightness depends on the class: k-NN can tell them apart."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = np.arange(n) % classes
+        x = rng.integers(0, 120, (n, 16, 16, 3)) + (y * 60)[:, None, None, None]
+        return x.astype(np.uint8), y
+
+    (xtr, ytr), (xte, yte) = split(n_train), split(n_test)
+    return LabelledData(xtr, ytr, xte, yte)
+
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+@pytest.fixture(scope="module")
+def budget_setup():
+    import elastic_fx as efx
+    from elastic_fx.scoring.local import local_scores
+
+    data = _colour_data()
+    gm = efx.trace(_tiny_vit(), (to_model_input(data.x_train[:2], MEAN, STD),))
+    smap = efx.discover(gm)
+    scores = efx.ElasticScores.from_local(local_scores(gm, None, method="magnitude", structures=smap), smap)
+    return gm, smap, scores, data
+
+
+def _knn_of(gm, smap, data):
+    from elastic_fx.embedding import embedding_module
+
+    return evaluate_features(embedding_module(gm, smap), data, mean=MEAN, std=STD, k=5)["knn_top1"]
+
+
+def test_evaluate_budgets_slices_every_budget_and_matches_direct_evaluation(budget_setup):
+    import elastic_fx as efx
+    from elastic_fx.evaluate import evaluate_budgets
+
+    gm, smap, scores, data = budget_setup
+    results = evaluate_budgets(gm, scores, data, [0.0, 0.3, 0.6], mean=MEAN, std=STD, k=5)
+    assert [r.target_sparsity for r in results] == [0.0, 0.3, 0.6]
+    assert results[0].sparsity == 0.0 and results[0].params == sum(p.numel() for p in gm.parameters())
+    for r in results:
+        assert r.sparsity >= r.target_sparsity - 1e-9 and r.linear_top1 is None and 0 <= r.knn_top1 <= 1
+    assert results[0].params > results[1].params > results[2].params
+    assert results[0].gflops > results[1].gflops > results[2].gflops
+    # dense row = the unpruned embedding; 60 % row = the embedding of efx.slice with the same keep
+    assert results[0].knn_top1 == _knn_of(gm, smap, data)
+    small = efx.slice(gm, smap, scores.keep(smap, 0.6))
+    assert results[2].knn_top1 == _knn_of(small, smap, data)
+    assert results[2].params == sum(p.numel() for p in small.parameters())
+
+
+def test_evaluate_budgets_linear_probe_and_table(budget_setup):
+    from elastic_fx.evaluate import evaluate_budgets, format_budget_table
+
+    gm, _, scores, data = budget_setup
+    results = evaluate_budgets(gm, scores, data, [0.0, 0.5], mean=MEAN, std=STD, k=5,
+                               linear=LinearProbeConfig(epochs=3))
+    assert all(r.linear_top1 is not None and 0 <= r.linear_top1 <= 1 for r in results)
+    table = format_budget_table(results, title="tiny")
+    lines = table.splitlines()
+    assert lines[0] == "tiny" and "linear top-1" in lines[2] and len(lines) == 2 + 2 + len(results)
+    assert f"| {100 * results[1].knn_top1:.1f} |" in lines[-1] and lines[-1].startswith("| 0.50 |")
+    assert "linear" not in format_budget_table(evaluate_budgets(gm, scores, data, [0.5], mean=MEAN, std=STD, k=5))
+    assert results[0].as_dict()["knn_top1"] == results[0].knn_top1
+
+
+def test_evaluate_budgets_takes_the_models_own_preprocessing():
+    import timm
+
+    import elastic_fx as efx
+    from elastic_fx.evaluate import evaluate_budgets
+    from elastic_fx.scoring.local import local_scores
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2,
+                              num_classes=3).eval()
+    gm = efx.trace(model)
+    smap = efx.discover(gm)
+    mean, std = gm.meta["elastic_fx.preprocess"].mean, gm.meta["elastic_fx.preprocess"].std
+    scores = efx.ElasticScores.from_local(local_scores(gm, None, method="magnitude", structures=smap), smap)
+    data = _colour_data()
+    own = evaluate_budgets(model, scores, data, [0.4], k=5)  # nn.Module: traced at its own input size
+    explicit = evaluate_budgets(gm, scores, data, [0.4], mean=mean, std=std, k=5)
+    assert own[0].knn_top1 == explicit[0].knn_top1 and own[0].params == explicit[0].params
+
+
+def test_evaluate_budgets_rejects_bad_input(budget_setup, tmp_path):
+    import elastic_fx as efx
+    from elastic_fx.errors import BudgetError, ScoresError
+    from elastic_fx.evaluate import evaluate_budgets
+
+    gm, smap, scores, data = budget_setup
+    for bad in ([1.0], [-0.1], [], ["0.5"]):
+        with pytest.raises(BudgetError, match="sparsit"):
+            evaluate_budgets(gm, scores, data, bad, mean=MEAN, std=STD)
+    feats = LabelledData(np.zeros((4, 8), np.float32), np.arange(4) % 2, np.zeros((2, 8), np.float32), np.arange(2))
+    with pytest.raises(DataError, match="uint8 images"):
+        evaluate_budgets(gm, scores, feats, [0.5], mean=MEAN, std=STD)
+    with pytest.raises(DataError, match="mean=..., std=..."):  # no config on a bare VisionTransformer
+        evaluate_budgets(gm, scores, data, [0.5])
+    other = efx.trace(_tiny_vit(num_classes=3, depth=3), (to_model_input(data.x_train[:2], MEAN, STD),))
+    with pytest.raises(ScoresError, match="blocks"):
+        evaluate_budgets(other, scores, data, [0.5], mean=MEAN, std=STD)
+    with pytest.raises(ScoresError, match="does not exist"):
+        evaluate_budgets(gm, tmp_path / "missing.efx", data, [0.5], mean=MEAN, std=STD)
+
+
 # ----------------------------------------------------------------------------- real asset
 
 

@@ -34,13 +34,15 @@ before it runs the graph and clears them afterwards.
 The MaskedModel owns a deep copy of ``gm``'s parameters, taken once when it is built:
 moving it to a GPU leaves ``gm`` where it is, and later edits of ``gm`` are not seen.
 
-What was measured (CPU, 2 shared cores; ``benchmarks/bench_mask_forward.py --quick``):
-batched masked scoring is ~20x faster per pair than deepcopy + slice + forward, almost
-all of it from not slicing (slicing is ~80 % of the reference's time) and ~3.8x on the
-forward alone. On the CPU, skipping masked heads (``use_kernel=True``: the gathering
-PyTorch reference) is no faster than dense attention plus out-projection masking
-(``use_kernel=False``) at 35-90 % kept heads: the gather costs what the skipped heads
-save. The Triton kernel is meant for the GPU, where it was not measured here.
+What was measured (CPU, 2 busy shared cores, so +-50 % run to run;
+``benchmarks/bench_mask_forward.py --quick``): batched masked scoring is 20-35x faster
+per pair than deepcopy + slice + forward, mostly from not slicing (copy + slice is
+~80 % of the reference's time) and 4-6x on the forward alone (ViT-S/16 at 224 px:
+8x overall). On the CPU, skipping masked heads (``use_kernel=True``: the gathering
+PyTorch reference) was never faster than dense attention plus out-projection masking
+(``use_kernel=False``) at 35-90 % kept heads, and up to 2x slower at 197 tokens: the
+gathers cost what the skipped heads save. The Triton kernel is meant for the GPU,
+where it was not measured here.
 
 FFN gathering (computing only the kept neurons with per-pair gathered weights and a
 batched matmul, padded to the largest kept count in the pair chunk) is not done. At the

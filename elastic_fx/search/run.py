@@ -182,7 +182,9 @@ def prune(
         mine = [embed(fit_x[i : i + ebs].to(dev)).float().cpu() for i in range(first, stop, ebs)]
     dense = torch.cat([t for part in ctx.all_gather_object(mine, "embedding the fitness images") for t in part])
     fitness = ctx.main_then_share(lambda: PCACosineFitness(dense, dim=cfg.pca_dim), "fitting the PCA")
-    masked = build_masked(gm, smap).to(dev).eval()
+    # The masked-attention kernel saves FLOPs on a GPU; on a CPU its PyTorch reference
+    # (gathering the kept heads) measured slower than dense attention with masked outputs.
+    masked = build_masked(gm, smap, use_kernel=dev.type == "cuda").to(dev).eval()
     amp = torch.bfloat16 if dev.type == "cuda" else None
     n_s = len(cfg.sparsities)
     chunk = cfg.pair_chunk or max(1, DEFAULT_ROWS_PER_FORWARD // ebs)  # pairs per masked forward

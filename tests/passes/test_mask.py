@@ -70,6 +70,8 @@ MODELS = {
     "timm_beit": _zoo("timm_beit"),  # SDPA with a per-head relative position bias
     "timm_eva02": _zoo("timm_eva02"),  # SwiGLU FFN, rotary embeddings
     "hand_separate_qkv": _zoo("hand_separate_qkv"),  # explicit softmax(q @ kᵀ * s) @ v chain
+    "hf_clip_vision": _zoo("hf_clip_vision"),  # explicit chain in an export graph (softmax -> to -> dropout)
+    "timm_siglip_map": _zoo("timm_siglip_map"),  # attention pooling: one latent query, all tokens as keys
 }
 
 _CACHE: dict = {}
@@ -121,7 +123,7 @@ def _assert_rel_close(got, want, rel=1e-5):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_masked_pairs_equal_sliced_models(name):
     gm, smap, images = _traced(name)
-    keeps = _random_keeps(smap, PAIRS, seed=hash(name) % 1000)
+    keeps = _random_keeps(smap, PAIRS, seed=list(MODELS).index(name))
     model = build_masked(gm, smap)
     got = masked_embeddings(model, images, keeps, batch_size=2, pair_chunk=3)
     assert got.shape[:2] == (PAIRS, IMAGES) and got.dtype == torch.float32
@@ -163,7 +165,9 @@ def test_dense_attention_variant_is_exact_too(name):
 
 
 # ----------------------------------------------------------------------------- what the pass rewrote
-@pytest.mark.parametrize("name", ["timm_vit", "hf_vit", "timm_beit", "timm_eva02", "hand_separate_qkv"])
+@pytest.mark.parametrize(
+    "name", ["timm_vit", "hf_vit", "timm_beit", "timm_eva02", "hand_separate_qkv", "hf_clip_vision", "timm_siglip_map"]
+)
 def test_every_attention_core_is_replaced(name):
     gm, smap, _ = _traced(name)
     model = build_masked(gm, smap)

@@ -1,0 +1,114 @@
+"""The quality benchmark runs end to end (``--smoke``: tiny random ViT, random images) so it cannot rot.
+
+Also checks the Torch-Pruning baseline the benchmark builds: its head / neuron budget and
+that the pruned timm model computes exactly what ``efx.slice`` gives for the same kept
+structures (the comparison is only fair if the baseline is applied correctly).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import elastic_fx as efx
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
+
+
+@pytest.fixture(scope="module")
+def bq():
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_run(bq, tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
+    headline = bq.main(["--smoke", "--quiet", "--out-dir", str(out), "--work-dir", str(work)])
+    return headline, out, work
+
+
+def test_smoke_run_writes_report_json_and_plots(smoke_run, bq, capsys):
+    headline, out, _ = smoke_run
+    assert headline["bench"] == "quality" and headline["mode"] == "smoke"
+    cfg = bq.smoke_config()
+    assert set(headline["knn"]) == set(cfg.methods)
+    for method, by_sparsity in headline["knn"].items():
+        for value in by_sparsity.values():
+            assert value is not None and 0.0 <= value <= 1.0, (method, by_sparsity)
+    assert 0.0 <= headline["dense_knn"] <= 1.0
+    md = (out / "quality.md").read_text()
+    assert "## k-NN top-1 (%) vs sparsity" in md and "## Ablations" in md and "ONNX Runtime latency" in md
+    for label in bq.LABELS.values():
+        assert label in md
+    full = json.loads((out / "quality.json").read_text())
+    assert full["headline"]["knn"] == json.loads(json.dumps(headline["knn"]))
+    results = full["results"]
+    for method in cfg.methods:
+        for s in cfg.sparsities:
+            row = results[f"eval/{method}/{s:.2f}"]
+            assert "error" not in row, row
+            # every method removes at least the asked fraction of block parameters, and not much more
+            assert s - 1e-9 <= row["sparsity"] <= s + 0.15, (method, s, row["sparsity"])
+    for name in headline["plots"]:
+        assert (out / name).stat().st_size > 1000
+
+
+def test_smoke_rerun_reuses_the_cache(smoke_run, bq):
+    headline, out, work = smoke_run
+    cached = json.loads((work / "results.json").read_text())
+    again = bq.main(["--smoke", "--quiet", "--out-dir", str(out), "--work-dir", str(work)])
+    assert again["knn"] == headline["knn"]  # same numbers, read back rather than recomputed
+    assert json.loads((work / "results.json").read_text())["eval/elastic/0.30"] == cached["eval/elastic/0.30"]
+
+
+def test_missing_assets_are_reported_not_crashed(bq, tmp_path, capsys):
+    headline = bq.main(["--quiet", "--assets", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path)])
+    assert "skipped" in headline and "assets not found" in headline["skipped"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == headline
+    assert not (tmp_path / "quality.md").exists()
+
+
+def test_tp_counts_meet_the_parameter_budget(bq):
+    setup = bq.smoke_setup(bq.smoke_config())
+    smap = setup.smap
+    a, m = smap.blocks[0].attention, smap.blocks[0].mlp
+    for s in (0.1, 0.3, 0.5, 0.7):
+        n_h, n_n = bq.tp_counts(smap, s)
+        removed = n_h * a.params_per_head + n_n * m.params_per_neuron
+        assert removed >= s * smap.prunable_params - 1e-6
+        assert n_n == 0 or removed - m.params_per_neuron < s * smap.prunable_params  # one neuron fewer misses it
+
+
+@pytest.mark.parametrize("kind", ["taylor", "hessian"])
+def test_torch_pruning_model_equals_efx_slice_of_the_same_structures(bq, kind):
+    pytest.importorskip("torch_pruning")
+    setup = bq.smoke_setup(bq.smoke_config())
+    grads = bq.tp_gradients(setup.model, setup.grad_x, setup.grad_y, kind)
+    pruned, info = bq.tp_prune(setup.model, grads, kind, 0.5, setup.smap, setup.grad_x[:2])
+    assert info["sparsity"] == pytest.approx(0.5, abs=0.05)
+    keep = {}
+    for i, (dense, small) in enumerate(zip(setup.model.blocks, pruned.blocks)):
+        fc1, fc1_small = dense.mlp.fc1.weight, small.mlp.fc1.weight
+        neurons = sorted(int((fc1 - row).abs().sum(1).argmin()) for row in fc1_small)
+        hd = dense.attn.head_dim
+        proj, proj_small = dense.attn.proj.weight, small.attn.proj.weight
+        heads = sorted({int((proj - proj_small[:, j:j + 1]).abs().sum(0).argmin()) // hd
+                        for j in range(0, proj_small.shape[1], hd)})
+        assert len(heads) == small.attn.num_heads and len(neurons) == fc1_small.shape[0]
+        keep[i] = {"heads": heads, "neurons": neurons}
+    sliced = efx.slice(setup.gm, setup.smap, keep)
+    x = setup.grad_x[:3]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), sliced(x), atol=1e-5, rtol=1e-5)
+    assert [len(k["heads"]) for k in keep.values()] == info["kept_heads"]
+    assert np.sum(info["kept_neurons"]) < sum(b.mlp.hidden_features for b in setup.smap.blocks)
