@@ -345,8 +345,8 @@ def search_generations(setup: Setup, cfg: QualityConfig, cache: Cache, dino: Loc
     """
     path = cache.dir / f"elastic_gen{g}.efx"
     if not path.is_file():
-        scores = _search(setup, cfg, dino, g, cfg.search_sparsities, cache.dir / "search_main", log,
-                         "search: main trajectory")
+        ckpt = cache.dir / ("search_main" if g > 0 else "search_gen0")  # 0: the local ranking and its fitness
+        scores = _search(setup, cfg, dino, g, cfg.search_sparsities, ckpt, log, "search: main trajectory")
         scores.save(path)
     return efx.ElasticScores.load(path, setup.smap)
 
@@ -585,6 +585,16 @@ def _table(cache: Cache, methods: Sequence[str], sparsities: Sequence[float], me
     return lines, values
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown model"
+
+
 def _pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -712,7 +722,7 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
     stages = cache.get("stages") or log.stages
     md = [f"# Quality benchmark ({mode} run)", "",
           f"Date: {REPORT_DATE}. Machine: {platform.machine()} CPU, {os.cpu_count()} cores "
-          f"({platform.processor() or 'unknown model'}), torch {torch.__version__}, Python {platform.python_version()}; "
+          f"({_cpu_name()}), torch {torch.__version__}, Python {platform.python_version()}; "
           f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared the cores). "
           f"Wall time {wall / 60:.1f} min. Produced by `python benchmarks/bench_quality.py"
           + ("" if mode == "full" else f" --{mode}") + "`.", "",
@@ -813,12 +823,14 @@ def run(cfg: QualityConfig, setup: Setup, work_dir: Path, out_dir: Path, mode: s
             eval_scores(setup, cfg, cache, m, rankings[m], cfg.sparsities, log)
     eval_torch_pruning(setup, cfg, cache, log)
 
-    variants: Dict[str, Any] = {"gen:0": rankings["fisher"]}
+    variants: Dict[str, Any] = {"gen:0": search_generations(setup, cfg, cache, dino, 0, log)}  # = fisher + its fitness
     chain = sorted({g for g in cfg.gen_ablation if g > 0} | {cfg.generations})
 
     def ablate(key: str) -> None:  # evaluate one variant at the ablation sparsities (reusing equal rankings)
         name = key.replace(":", "")
         src = "elastic" if variants[key] is rankings.get("elastic") else "fisher" if key == "gen:0" else None
+        if key == "gen:0":  # zero generations keep c = 1: the fisher-only ranking itself
+            assert np.all(np.asarray(variants[key].c) == 1.0)
         for s in cfg.ablation_sparsities:
             done = cache.get(f"eval/{src}/{s:.2f}") if src else None
             if done is not None and cache.get(f"eval/{name}/{s:.2f}") is None:

@@ -60,6 +60,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+# Idle worker threads sleep instead of busy-waiting (before torch loads libgomp): this
+# benchmark alternates two runtimes in one process, and a spinning pool of one steals the
+# cores the other is computing on (on a shared 2-core machine that made PyTorch calls 10-50x
+# slower). onnxruntime's pools get the same setting (``allow_spinning`` 0). ``--spin`` keeps
+# both runtimes' defaults.
+if "--spin" not in sys.argv[1:]:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 
@@ -269,11 +277,12 @@ def backend_name(kind: str, threads: int, all_cores: int) -> str:
     return f"{kind}-1t-cpu" if threads == 1 else f"{kind}-{threads}t"
 
 
-def ort_options(threads: int):
+def ort_options(threads: int, spin: bool):
     import onnxruntime as ort
 
     o = ort.SessionOptions()
     o.log_severity_level = 3
+    o.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     o.intra_op_num_threads = threads
     o.inter_op_num_threads = 1
     o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -319,7 +328,8 @@ def torch_call(module: torch.nn.Module, x: torch.Tensor, bf16: bool = False) -> 
     return run
 
 
-def open_sessions(variants: Sequence[Variant], thread_counts: Sequence[int]) -> Dict[Tuple[str, str], object]:
+def open_sessions(variants: Sequence[Variant], thread_counts: Sequence[int], spin: bool
+                  ) -> Dict[Tuple[str, str], object]:
     """(label, "cpu<threads>" | "cuda") -> onnxruntime session; every CPU one with the same options."""
     import onnxruntime as ort
 
@@ -328,10 +338,10 @@ def open_sessions(variants: Sequence[Variant], thread_counts: Sequence[int]) -> 
     for v in variants:
         for n in thread_counts:
             sessions[(v.label, f"cpu{n}")] = ort.InferenceSession(
-                str(v.onnx_path), ort_options(n), providers=["CPUExecutionProvider"])
+                str(v.onnx_path), ort_options(n, spin), providers=["CPUExecutionProvider"])
         if cuda:
             sessions[(v.label, "cuda")] = ort.InferenceSession(
-                str(v.onnx_path), ort_options(thread_counts[0]),
+                str(v.onnx_path), ort_options(thread_counts[0], spin),
                 providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
     return sessions
 
@@ -496,6 +506,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, nargs="+", default=[cores] + ([1] if cores > 1 else []),
                    help="CPU thread counts to time (ORT intra-op and torch); the first is the main one "
                         f"(default: {cores} = all cores, plus 1 thread timed by CPU clock)")
+    p.add_argument("--spin", action="store_true",
+                   help="let idle worker threads busy-wait (runtime defaults) instead of sleeping")
     p.add_argument("--keep-onnx", metavar="DIR", help="write the .onnx files here instead of a temp dir")
     p.add_argument("--json-out", metavar="PATH", help="also write the final JSON (indented) here, atomically")
     p.add_argument("--seed", type=int, default=0)
@@ -523,6 +535,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     torch.set_num_threads(threads[0])
     info = machine_info()
     info["threads"] = threads
+    info["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "(default)")
+    info["ort_allow_spinning"] = bool(args.spin)
     info["load_before"] = load_average()
     log(f"{cfg.model}: configs {cfg.sparsities}, threads {threads}, load {info['load_before']}")
     t_start = time.perf_counter()
@@ -532,7 +546,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         workdir.mkdir(parents=True, exist_ok=True)
         variants, _ = build_variants(cfg, workdir)
         t_build = time.perf_counter() - t_start
-        sessions = open_sessions(variants, threads)
+        sessions = open_sessions(variants, threads, args.spin)
         cuda_modules: Dict[str, torch.nn.Module] = {}
         if torch.cuda.is_available():
             import copy
@@ -570,7 +584,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     print(f"## {cfg.model}, {cfg.img_size}px, scores={cfg.scores}")
     print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, threads={threads}, "
           f"torch {info['torch']}, onnxruntime {info['onnxruntime']}, timm {info['timm']}, "
-          f"cuda: {info['cuda'] or 'none'}; load {info['load_before']} -> {info['load_after']}")
+          f"cuda: {info['cuda'] or 'none'}; OMP_WAIT_POLICY={info['OMP_WAIT_POLICY']}, "
+          f"ORT spinning {'on' if args.spin else 'off'}; load {info['load_before']} -> {info['load_after']}")
     print("speedup = dense latency / config latency; eff. = speedup / FLOPs ratio (goal >= 0.9); "
           "*-1t-cpu: one thread, CPU time of the calling thread")
     for stat, what in (("median", "median of all timed calls (± half the interquartile range)"),

@@ -254,12 +254,10 @@ class DistContext:
             out.copy_(host)
         for p in parts:
             out += p
+        host.copy_(out)
         last = self.world_size - 1
         if self.rank < last:
-            host.copy_(out)
             self._guarded(what, lambda: dist.send(host, dst=self.rank + 1, group=self.group))
-        else:
-            host.copy_(out)
         self._guarded(what, lambda: dist.broadcast(host, src=last, group=self.group))
         out.copy_(host)
         return out

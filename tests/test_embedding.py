@@ -13,15 +13,6 @@ from elastic_fx.errors import DiscoveryError
 from zoo import ZOO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded; intra-op threads only contend on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def timm_vit():
     model, inputs = ZOO["timm_vit"].build()

@@ -62,7 +62,6 @@ MUL_LIKE = {"mul", "mul_", "imul", "div", "div_", "truediv", "itruediv", "floord
 ADD_LIKE = {"add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "radd", "where", "addcmul", "lerp"}
 NORM_OPS = {"layer_norm", "rms_norm", "group_norm", "native_layer_norm", "normalize"}
 SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
-MATMUL_OPS = {"matmul", "bmm", "einsum", "baddbmm"}
 SDPA_OPS = {"scaled_dot_product_attention"}
 
 _POINTWISE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)

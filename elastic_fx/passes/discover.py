@@ -26,14 +26,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-from torch import nn
-
 from ..errors import DiscoveryError
 from ..structures import AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap
 from ..tracing import TRACER_META, example_inputs_of
 from ._labels import (
     ADD_LIKE,
-    MATMUL_OPS,
     MUL_LIKE,
     SDPA_OPS,
     SOFTMAX_OPS,
@@ -474,7 +471,6 @@ def _slice_from_element_sets(name: str, shape: Tuple[int, ...], elems: List[Opti
     """Find the dim of a parameter along which per-head element sets are disjoint slabs."""
     if any(e is None for e in elems):
         return None
-    n = len(elems)
     strides = []
     acc = 1
     for s in reversed(shape):

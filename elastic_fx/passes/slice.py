@@ -418,8 +418,7 @@ def _rewrite_slice(n: fx.Node, name: str, info) -> None:
             return
         rank = len(kept_in)
         out, dim = [], 0
-        ell = [i for i, it in enumerate(items) if it is Ellipsis]
-        for i, it in enumerate(items):
+        for it in items:
             if it is Ellipsis:
                 dim += rank - (len(items) - 1 - sum(1 for x in items if x is None))
                 out.append(it)

@@ -26,15 +26,6 @@ PRE = PreprocessConfig((32, 32), (0.5, 0.4, 0.3), (0.25, 0.25, 0.25))
 SMALL_DINO = DinoConfig(n_global=2, n_local=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded; intra-op threads only contend on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def traced():
     """name -> (eager model, traced GraphModule, StructureMap), built once per module."""
