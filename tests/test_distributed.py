@@ -111,8 +111,8 @@ def _launch(job: Callable[[int, Path], Any], out: Path, timeout: float = 120.0, 
     payloads = []
     for r in range(WORLD):
         f = out / f"rank{r}.pt"
-        payloads.append(torch.load(f, weights_only=False) if f.is_file() else {"error": "no result",
-                                                                                  "message": f"exit {procs[r].exitcode}"})
+        missing = {"error": "no result", "message": f"exit code {procs[r].exitcode}"}
+        payloads.append(torch.load(f, weights_only=False) if f.is_file() else missing)
     return payloads
 
 

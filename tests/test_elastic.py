@@ -80,7 +80,9 @@ def test_elastic_model_is_nested_cached_and_physical(model_scores):
     pa, pb = (sum(p.numel() for p in m.parameters()) for m in (a, b))
     assert pa == smap.params(ka) and pb == smap.params(kb) and pb < pa < smap.total_params
     f = em.at(flops=0.7)
-    assert efx.achieved(smap, em.keep(flops=0.7))["flops"] <= 0.7 * smap.flops() + 1
+    kf = em.keep(flops=0.7)
+    assert efx.achieved(smap, kf)["flops"] <= 0.7 * smap.flops() + 1
+    assert sum(p.numel() for p in f.parameters()) == smap.params(kf)
 
 
 def test_elastic_model_budget_errors(model_scores):

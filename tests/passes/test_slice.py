@@ -12,7 +12,7 @@ import torch
 
 import elastic_fx as efx
 from elastic_fx.passes.slice import zero_structures
-from zoo import ZOO, output_tensors, params
+from zoo import output_tensors, params
 
 
 def random_keep(smap, seed, fraction=0.5):
