@@ -169,6 +169,13 @@ class Setup:
     std: Tuple[float, ...]
     image_size: Optional[int]
     notes: List[str] = field(default_factory=list)
+    calibration: str = ""  # where grad_x / fit_x come from, when not the train split
+    tp_x: Optional[torch.Tensor] = None  # Torch-Pruning's labelled images (default: grad_x / grad_y)
+    tp_y: Optional[torch.Tensor] = None
+
+    def labelled(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels for Torch-Pruning's cross-entropy importance."""
+        return (self.grad_x, self.grad_y) if self.tp_x is None else (self.tp_x, self.tp_y)
 
 
 def _subsample(n_total: int, n: int) -> np.ndarray:
@@ -243,12 +250,37 @@ def user_setup(cfg: QualityConfig, args: argparse.Namespace) -> Setup:
     return Setup(args.model, model, gm, efx.discover(gm), evald, gx, gy, fx, tuple(pre.mean), tuple(pre.std), size)
 
 
+def use_calibration_folder(setup: Setup, cfg: QualityConfig, folder: str) -> None:
+    """Gradient + fitness images of the label-free methods from an unlabelled folder (disjoint halves).
+
+    Images are resized / centre-cropped to the model's input and normalised with its statistics.
+    Torch-Pruning's labelled loss keeps the train-split images (``setup.tp_x``).
+    """
+    from elastic_fx.data import PreprocessConfig, load_tensor
+
+    h, w = setup.grad_x.shape[-2:]
+    pre = PreprocessConfig((h, w), setup.mean, setup.std)
+    x = load_tensor(folder, pre, cfg.grad_images + cfg.fitness_images, seed=cfg.seed)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+    setup.tp_x, setup.tp_y = setup.grad_x, setup.grad_y
+    setup.grad_x = x[perm[: cfg.grad_images]]
+    setup.fit_x = x[perm[cfg.grad_images: cfg.grad_images + cfg.fitness_images]]
+    setup.calibration = str(folder)
+    setup.name += f"; label-free calibration images from {Path(folder).name}"
+    setup.notes = [f"Calibration: the gradient and fitness images of the label-free methods ({len(setup.grad_x)} "
+                   f"and {len(setup.fit_x)}) come from {folder}, resized to {h}x{w}; Torch-Pruning keeps "
+                   f"{len(setup.tp_x)} labelled CIFAR train images.", ""]
+
+
 # ============================================================================ cache
 class Cache:
     """Finished results (JSON) and score files in ``work_dir``; a re-run skips what is there."""
 
     def __init__(self, work_dir: Path, fingerprint: str) -> None:
-        self.dir = Path(work_dir)
+        import hashlib
+
+        # one sub-folder per configuration: score files of another run are never picked up
+        self.dir = Path(work_dir) / hashlib.sha1(fingerprint.encode()).hexdigest()[:12]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "results.json"
         self.data: Dict[str, Any] = {}
@@ -517,7 +549,7 @@ def eval_torch_pruning(setup: Setup, cfg: QualityConfig, cache: Cache, log: Log)
                 cache.put(f"eval/{name}/{s:.2f}", {"sparsity": s, "error": missing})
             continue
         t0 = time.perf_counter()
-        grads = tp_gradients(setup.model, setup.grad_x, setup.grad_y, kind)
+        grads = tp_gradients(setup.model, *setup.labelled(), kind)
         log.stage(f"scores: {name}", time.perf_counter() - t0)
         log(f"{name} gradients in {time.perf_counter() - t0:.1f}s")
         for s in todo:
@@ -551,7 +583,7 @@ def measure_latency(setup: Setup, cfg: QualityConfig, cache: Cache, rankings: Di
                 if name.startswith("tp_"):
                     kind = name[3:]
                     if kind not in grads:
-                        grads[kind] = tp_gradients(setup.model, setup.grad_x, setup.grad_y, kind)
+                        grads[kind] = tp_gradients(setup.model, *setup.labelled(), kind)
                     module = tp_prune(setup.model, grads[kind], kind, s, setup.smap, setup.grad_x[:2])[0]
                 else:
                     module = efx.ElasticModel(setup.gm, rankings[name]).at(s)
@@ -672,6 +704,9 @@ def _plots(out: Path, cache: Cache, cfg: QualityConfig, variants: Dict[str, Any]
         h = last.history
         axes[2].plot([r["generation"] + 1 for r in h], [r["best_so_far"] for r in h], label="best so far")
         axes[2].plot([r["generation"] + 1 for r in h], [r["mean"] for r in h], alpha=0.6, label="population mean")
+        base = variants.get("gen:0")
+        if base is not None and base.best_fitness is not None:
+            axes[2].axhline(base.best_fitness, color="k", ls="--", lw=1, label="fisher-only ranking (c = 1)")
         axes[2].set_xlabel("generation")
         axes[2].set_ylabel("fitness (PCA cosine)")
         axes[2].legend(fontsize=8)
@@ -870,6 +905,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="labelled train folder (class sub-folders) for --model")
     p.add_argument("--test", help="labelled test folder for --model")
     p.add_argument("--data", help="labelled .npz (x_train, y_train, x_test, y_test) for --model")
+    p.add_argument("--calib", help="unlabelled image folder for the gradient and fitness images of the label-free "
+                   "methods (e.g. ../shared/assets/imagenet-sample, resized to the model's input); Torch-Pruning "
+                   "keeps its labelled train images")
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--work-dir", default=None, help="cache (default: a folder under the system temp dir)")
     p.add_argument("--sparsities", type=float, nargs="+")
@@ -928,6 +966,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         headline = {"bench": "quality", "mode": mode, "skipped": msg}
         print(json.dumps(headline))
         return headline
+    if args.calib:
+        use_calibration_folder(setup, cfg, args.calib)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / f"elastic_fx_bench_quality_{mode}"
     headline = run(cfg, setup, work, Path(args.out_dir), mode, log)
     print(json.dumps(headline))

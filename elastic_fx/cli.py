@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -61,16 +62,31 @@ def _sparsities(values: List[float]) -> List[float]:
     return values
 
 
+def _distributed(args):
+    """Under torchrun (WORLD_SIZE/RANK/LOCAL_RANK set) join the process group; else a 1-process context."""
+    import torch
+
+    from .distributed import current, raise_on_sigterm
+
+    ctx = current(device=args.device)
+    if ctx.enabled:
+        raise_on_sigterm()  # torchrun stops survivors with SIGTERM: say where the last good checkpoint is
+    torch.manual_seed(args.seed)  # random-weight models get the same weights on every rank
+    return ctx
+
+
 def cmd_score(args) -> int:
     from .passes.discover import discover
     from .scoring.local import local_scores
 
+    ctx = _distributed(args)
     _, gm = _model_and_graph(args)
     smap = discover(gm)
     ls = local_scores(gm, args.images, method=args.method, batch_size=args.batch_size, mode=args.mode,
                       seed=args.seed, num_images=args.num_images, device=args.device, structures=smap)
-    path = ls.save(args.out)
-    print(f"wrote {path}: {args.method} scores for {len(smap.blocks)} blocks")
+    if ctx.is_main:
+        path = ls.save(args.out)
+        print(f"wrote {path}: {args.method} scores for {len(smap.blocks)} blocks")
     return 0
 
 
@@ -142,15 +158,17 @@ def cmd_import_scores(args) -> int:
 def cmd_prune(args) -> int:
     from .search.run import SearchConfig, prune
 
+    ctx = _distributed(args)
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
     cfg = SearchConfig(num_images=args.num_images, num_fitness_images=args.fitness_images,
                        batch_size=args.batch_size, popsize=args.popsize, pca_dim=args.pca_dim)
     scores = prune(model, args.images, iterations=args.iterations, sparsities=_sparsities(args.sparsities),
                    seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume, config=cfg,
                    device=args.device)
-    path = scores.save(args.out)
-    print(f"wrote {path}: best fitness {scores.best_fitness:.4f} after {len(scores.history)} generations "
-          f"(final mean {scores.mean_fitness:.4f})")
+    if ctx.is_main:
+        path = scores.save(args.out)
+        print(f"wrote {path}: best fitness {scores.best_fitness:.4f} after {len(scores.history)} generations "
+              f"(final mean {scores.mean_fitness:.4f})")
     return 0
 
 
@@ -271,6 +289,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for the run
+        logging.getLogger("elastic_fx").setLevel(logging.ERROR)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

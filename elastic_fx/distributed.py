@@ -39,7 +39,10 @@ their next collective at once; a rank that hangs is given up on after the timeou
 way the survivors raise :class:`DistributedError` naming the rank(s) that stopped
 answering and the last good checkpoint. An :class:`~elastic_fx.errors.ElasticFxError`
 raised on one rank (bad input, NaN gradients) is raised on every rank with the same
-message, so all processes stop together and say the same thing.
+message, so all processes stop together and say the same thing. torchrun stops the
+survivors of a failed rank with SIGTERM; :func:`raise_on_sigterm` turns that into the
+same kind of message. Ranks that were given different weights or images are refused
+before any work (:meth:`DistContext.check_same` on exact checksums).
 
 The default process group is created here only when none exists: ``gloo`` on a CPU-only
 machine, ``cpu:gloo,cuda:nccl`` when CUDA is present (NCCL for the user's GPU
@@ -55,6 +58,7 @@ import logging
 import math
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar, Union
@@ -75,6 +79,7 @@ __all__ = [
     "DistributedError",
     "checksums",
     "current",
+    "raise_on_sigterm",
     "shutdown",
     "split",
     "timeout_seconds",
@@ -491,6 +496,25 @@ def current(distributed: Optional[bool] = None, device: Union[str, torch.device,
     log.info("distributed: rank %d of %d (local rank %d), backend %s, timeout %g s", rank, world, local, backend,
              timeout)
     return _context
+
+
+def raise_on_sigterm() -> Any:
+    """Turn SIGTERM into a :class:`DistributedError` that names the last good checkpoint.
+
+    When one rank fails, torchrun stops the others with SIGTERM, usually before their own
+    collectives notice; without a handler they die silently. For command-line programs
+    running distributed: call once, from the main thread, before the work starts.
+    Returns the previous handler (to restore it with ``signal.signal``).
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        ctx = _context if _context is not None else _SINGLE
+        raise DistributedError(
+            f"rank {ctx.rank} was stopped by the launcher (signal {signum}), usually because another rank failed "
+            f"(the launcher's report names it); {ctx.recovery}"
+        )
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def shutdown() -> None:

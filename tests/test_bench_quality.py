@@ -65,10 +65,14 @@ def test_smoke_run_writes_report_json_and_plots(smoke_run, bq, capsys):
 
 def test_smoke_rerun_reuses_the_cache(smoke_run, bq):
     headline, out, work = smoke_run
-    cached = json.loads((work / "results.json").read_text())
+    (folder,) = [p for p in work.iterdir() if p.is_dir()]  # one sub-folder per configuration
+    cached = json.loads((folder / "results.json").read_text())
+    assert {"elastic_gen0.efx", "elastic_gen2.efx", "local_dino.safetensors"} <= {p.name for p in folder.iterdir()}
     again = bq.main(["--smoke", "--quiet", "--out-dir", str(out), "--work-dir", str(work)])
     assert again["knn"] == headline["knn"]  # same numbers, read back rather than recomputed
-    assert json.loads((work / "results.json").read_text())["eval/elastic/0.30"] == cached["eval/elastic/0.30"]
+    after = json.loads((folder / "results.json").read_text())
+    assert after["eval/elastic/0.30"] == cached["eval/elastic/0.30"]
+    assert after["stages"] == cached["stages"]  # nothing was recomputed, so no stage took time
 
 
 def test_missing_assets_are_reported_not_crashed(bq, tmp_path, capsys):

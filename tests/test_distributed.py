@@ -232,6 +232,7 @@ def ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_thread():
+    """The ranks run single-threaded; so does the reference (conftest only does so without CUDA)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -300,6 +301,19 @@ def test_bad_timeout_and_incomplete_environment_are_refused(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     with pytest.raises(efd.DistributedError, match="MASTER_ADDR"):
         efd.current()
+
+
+def test_sigterm_from_the_launcher_becomes_an_instructive_error():
+    import signal
+    import time
+
+    previous = efd.raise_on_sigterm()
+    try:
+        with pytest.raises(efd.DistributedError, match="stopped by the launcher"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises as soon as the signal is delivered
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_every_rank_sees_the_launcher_world(ranks):
