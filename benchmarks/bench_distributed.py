@@ -10,7 +10,7 @@ Measures, side by side in one run:
 * end to end: ``prune`` on a small ViT with 1 process and with 2 processes (1 thread each),
   checking that both give the same result, and the time of each phase.
 
-    python /tmp/efx_bench_distributed.py --quick     # CPU, < 2 min
+    python benchmarks/bench_distributed.py --quick     # CPU, < 2 min
 
 Prints a table, then ONE JSON line with the headline figures. Never run by pytest.
 """
