@@ -19,12 +19,12 @@ by side:
   device, if the provider exists), ``torch-cuda`` (fp32) and ``torch-cuda-bf16``
   (bf16 autocast).
 
-at batch 1 and batch 16. After one untimed warm-up call per (config, backend) pair, the
-pairs are timed in rounds: each round makes ONE timed call of every pair, in a freshly
-shuffled order (seeded). Switching pair after every call spreads slow drift and bursts of
-other jobs on a shared machine evenly over all configs instead of biasing the ones that
-happened to run during a burst. The figure per pair is the median of its calls over all
-rounds; the best-of (fastest call) is reported next to it.
+at batch 1 and batch 16, one thread setting after the other. After one untimed warm-up
+call per (config, backend) pair, the pairs are timed in rounds: each round makes ONE timed
+call of every pair, in a freshly shuffled order (seeded). Switching pair after every call
+spreads slow drift and bursts of other jobs on a shared machine evenly over all configs
+instead of biasing the ones that happened to run during a burst. The figure per pair is the
+median of its calls over all rounds; the best-of (fastest call) is reported next to it.
 
 Reported per config: parameters, GFLOPs (``efx.achieved``: the paper's Table-7 count),
 ``flops_ratio`` = dense FLOPs / config FLOPs, the median latencies, ``speedup`` = dense
@@ -36,8 +36,8 @@ weights) on the seeded random-init model; ``--scores random`` uses seeded unifor
 instead. Latency depends only on how many heads / neurons each block keeps, not on the
 weights' values.
 
-    python benchmarks/bench_sliced_inference.py --quick      # ViT-Ti/16, < 2 min on 2 cores
-    python benchmarks/bench_sliced_inference.py              # ViT-B/16 (several minutes on CPU)
+    python benchmarks/bench_sliced_inference.py --quick      # ViT-Ti/16, ~30 s on 2 cores
+    python benchmarks/bench_sliced_inference.py              # ViT-B/16, ~10 min on 2 cores
     python benchmarks/bench_sliced_inference.py --json-out benchmarks/results/sliced_inference.json
 
 Progress goes to stderr; stdout gets the machine description, markdown tables and, last,
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -68,11 +69,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 if "--spin" not in sys.argv[1:]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402 - after the environment is set
+import torch  # noqa: E402
 
-import elastic_fx as efx
-from elastic_fx.scoring.baselines import magnitude_scores, random_scores
+import elastic_fx as efx  # noqa: E402
+from elastic_fx.scoring.baselines import magnitude_scores, random_scores  # noqa: E402
 
 PAPER_FLOPS_RATIO_AT_40 = 1.58  # paper: DINO ViT-B/16 at 40 % sparsity, "speedups in GFLOPs"
 GOAL_EFFICIENCY = 0.9  # measured speedup >= 90 % of the FLOPs ratio
@@ -328,46 +329,52 @@ def torch_call(module: torch.nn.Module, x: torch.Tensor, bf16: bool = False) -> 
     return run
 
 
-def open_sessions(variants: Sequence[Variant], thread_counts: Sequence[int], spin: bool
+def open_sessions(variants: Sequence[Variant], threads: int, spin: bool, cuda: bool
                   ) -> Dict[Tuple[str, str], object]:
-    """(label, "cpu<threads>" | "cuda") -> onnxruntime session; every CPU one with the same options."""
+    """(label, "cpu" | "cuda") -> onnxruntime session; every CPU one with the same options."""
     import onnxruntime as ort
 
     sessions: Dict[Tuple[str, str], object] = {}
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    cuda = cuda and "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
     for v in variants:
-        for n in thread_counts:
-            sessions[(v.label, f"cpu{n}")] = ort.InferenceSession(
-                str(v.onnx_path), ort_options(n, spin), providers=["CPUExecutionProvider"])
+        sessions[(v.label, "cpu")] = ort.InferenceSession(
+            str(v.onnx_path), ort_options(threads, spin), providers=["CPUExecutionProvider"])
         if cuda:
             sessions[(v.label, "cuda")] = ort.InferenceSession(
-                str(v.onnx_path), ort_options(thread_counts[0], spin),
+                str(v.onnx_path), ort_options(threads, spin),
                 providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
     return sessions
 
 
-def make_runners(variants: Sequence[Variant], batch: int, img_size: int, thread_counts: Sequence[int],
+def make_runners(variants: Sequence[Variant], batch: int, img_size: int, threads: int, all_cores: int,
                  sessions: Dict[Tuple[str, str], object], cuda_modules: Dict[str, torch.nn.Module]
                  ) -> Dict[Tuple[str, str], Runner]:
     """(variant label, backend) -> a Runner doing one forward pass at ``batch``; same input for all."""
     x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(batch))
     x_np = x.numpy()
-    all_cores = thread_counts[0]
+    clock = "cpu" if threads == 1 else "wall"
     runners: Dict[Tuple[str, str], Runner] = {}
     for v in variants:
-        for n in thread_counts:
-            clock = "cpu" if n == 1 else "wall"
-            runners[(v.label, backend_name("ort", n, all_cores))] = Runner(
-                ort_cpu_call(sessions[(v.label, f"cpu{n}")], x_np), n, clock)
-            runners[(v.label, backend_name("torch", n, all_cores))] = Runner(torch_call(v.module, x), n, clock)
+        runners[(v.label, backend_name("ort", threads, all_cores))] = Runner(
+            ort_cpu_call(sessions[(v.label, "cpu")], x_np), threads, clock)
+        runners[(v.label, backend_name("torch", threads, all_cores))] = Runner(torch_call(v.module, x), threads, clock)
         if (v.label, "cuda") in sessions:
-            runners[(v.label, "ort-cuda")] = Runner(ort_cuda_call(sessions[(v.label, "cuda")], x_np), all_cores)
+            runners[(v.label, "ort-cuda")] = Runner(ort_cuda_call(sessions[(v.label, "cuda")], x_np), threads)
         if v.label in cuda_modules:
             xc = x.cuda()
-            runners[(v.label, "torch-cuda")] = Runner(torch_call(cuda_modules[v.label], xc), all_cores)
-            runners[(v.label, "torch-cuda-bf16")] = Runner(torch_call(cuda_modules[v.label], xc, bf16=True),
-                                                           all_cores)
+            runners[(v.label, "torch-cuda")] = Runner(torch_call(cuda_modules[v.label], xc), threads)
+            runners[(v.label, "torch-cuda-bf16")] = Runner(torch_call(cuda_modules[v.label], xc, bf16=True), threads)
     return runners
+
+
+def rss_gib() -> Optional[float]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 2**20, 2)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 # ----------------------------------------------------------------------------- timing
@@ -393,8 +400,8 @@ def measure(plan: BatchPlan, runners: Dict[Tuple[str, str], Runner], samples: Sa
         for key in order:
             samples.add((key[0], key[1], plan.batch), timed(runners[key]))
         if (r + 1) % every == 0 or r + 1 == plan.rounds:
-            log(f"batch {plan.batch}: round {r + 1}/{plan.rounds} ({time.perf_counter() - t_round:.1f}s), "
-                f"load {load_average()}")
+            log(f"batch {plan.batch}, {runners[order[0]].threads} thread(s): round {r + 1}/{plan.rounds} "
+                f"({time.perf_counter() - t_round:.1f}s), load {load_average()}, RSS {rss_gib()} GiB")
 
 
 # ----------------------------------------------------------------------------- report
@@ -414,6 +421,7 @@ def results(variants: Sequence[Variant], samples: Samples, backends: Sequence[st
             "heads_kept": v.heads_kept,
             "neurons_kept": v.neurons_kept,
             "onnx_max_abs_diff": v.onnx_max_abs_diff,
+            "onnx_exporter": v.onnx_exporter,
         }
         for be in backends:
             for b in batches:
@@ -488,6 +496,7 @@ def write_json_atomic(path: str, payload: Dict[str, object]) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=1)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -546,7 +555,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         workdir.mkdir(parents=True, exist_ok=True)
         variants, _ = build_variants(cfg, workdir)
         t_build = time.perf_counter() - t_start
-        sessions = open_sessions(variants, threads, args.spin)
         cuda_modules: Dict[str, torch.nn.Module] = {}
         if torch.cuda.is_available():
             import copy
@@ -556,10 +564,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         samples = Samples()
         t_measure = time.perf_counter()
         backends: List[str] = []
-        for plan in cfg.plans:
-            runners = make_runners(variants, plan.batch, cfg.img_size, threads, sessions, cuda_modules)
-            backends += [be for be in dict.fromkeys(k[1] for k in sorted(runners)) if be not in backends]
-            measure(plan, runners, samples, cfg.seed)
+        # One thread setting after the other (its sessions closed before the next opens: each
+        # ORT session keeps its own weights, prepacked copies and activation arena, and 14
+        # ViT-B sessions at batch 16 exhaust 23 GiB); within a setting all configs interleave.
+        for n in threads:
+            main_setting = n == threads[0]
+            sessions = open_sessions(variants, n, args.spin, cuda=main_setting)
+            for plan in cfg.plans:
+                runners = make_runners(variants, plan.batch, cfg.img_size, n, threads[0], sessions,
+                                       cuda_modules if main_setting else {})
+                backends += [be for be in dict.fromkeys(k[1] for k in sorted(runners)) if be not in backends]
+                measure(plan, runners, samples, cfg.seed)
+                del runners
+            del sessions
+            gc.collect()
         t_measure = time.perf_counter() - t_measure
 
     backends.sort(key=lambda be: ("cuda" in be, be.startswith("torch"), be))
