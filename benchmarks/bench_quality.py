@@ -32,6 +32,15 @@ Torch-Pruning's labelled loss) and fitness images are drawn, disjoint, from the 
 TRAIN split (used unlabelled by our methods), preprocessed with the model's mean/std.
 When the assets are absent the script says so and exits (``--smoke`` needs none).
 
+CPU sizing of the default run (the paper's value in brackets): 256 gradient images x
+(2 global + 10 local crops) [1000]; 32 fitness images, PCA to 31 dimensions [1000, 192];
+xNES population 8 [4 + floor(3 ln d) = 15 for this model's d = 42]; 50 generations and
+search sparsities 10/30/50/60 % [same]; k-NN reference set 2000 of the 4660 train images,
+all 932 test images [ImageNet train / val]; linear probe 100 epochs [same]. The cost is
+dominated by the search: generations x population x search sparsities x fitness images
+masked image passes (5 x 10^4 for 50 generations, 2 x 10^5 for the 200 of the ablation); ``--threads 1`` is
+faster when other jobs share the cores (no OpenMP barrier stalls).
+
 Full protocol (ImageNet-1k, a pretrained ViT-B/16) for users who have them::
 
     python benchmarks/bench_quality.py --model timm:vit_base_patch16_224 --pretrained \\
@@ -59,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import math
 import os
@@ -70,7 +78,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -87,19 +95,26 @@ from elastic_fx.evaluate import (
     to_model_input,
 )
 from elastic_fx.scoring.local import LocalScores, local_scores
+from elastic_fx.search.candidate import Layout
 from elastic_fx.search.run import SearchConfig, prune
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / ".." / "shared" / "assets"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.243, 0.261)
-METHODS = ("elastic", "fisher", "magnitude", "lamp", "snip", "random", "tp_taylor", "tp_hessian")
+METHODS = ("elastic", "fisher", "magnitude", "lamp", "snip", "random", "tp_taylor", "tp_hessian", "tp_taylor_ffn")
 LABELS = {
     "elastic": "elastic_fx (xNES)", "fisher": "fisher-only (no search)", "magnitude": "magnitude", "lamp": "LAMP",
     "snip": "SNIP-magnitude", "random": "random", "tp_taylor": "Torch-Pruning Taylor",
-    "tp_hessian": "Torch-Pruning Hessian",
+    "tp_hessian": "Torch-Pruning Hessian", "tp_taylor_ffn": "Torch-Pruning Taylor, FFN only",
 }
+#: Torch-Pruning variants: method -> (importance, prune heads too)
+TP_VARIANTS = {"tp_taylor": ("taylor", True), "tp_hessian": ("hessian", True), "tp_taylor_ffn": ("taylor", False)}
 REPORT_DATE = "2026-11-23"
+#: QualityConfig fields that change a cached result (the cache folder is keyed by them)
+FINGERPRINT_FIELDS = ("grad_images", "batch_size", "fitness_images", "heldout_images", "pca_dim", "popsize",
+                      "search_sparsities", "nsp_ablation", "generations", "knn_train", "knn_test", "k", "linear_epochs",
+                      "seed")
 
 
 # ============================================================================ configuration
@@ -112,6 +127,7 @@ class QualityConfig:
     grad_images: int = 256  # DINO / SNIP / Torch-Pruning gradient images
     batch_size: int = 16  # gradient pass (16 images x 12 crops)
     fitness_images: int = 32
+    heldout_images: int = 256  # fitness of every search variant on images the search never saw
     pca_dim: int = 192  # clamped to fitness_images - 1
     popsize: int = 8  # 0: the xNES default 4 + floor(3 ln d) (15 for 6 blocks x 6 heads)
     generations: int = 50  # the "elastic" method
@@ -135,7 +151,8 @@ class QualityConfig:
 
 def quick_config() -> QualityConfig:
     """< 2 minutes on 2 idle cores: the same pipeline, smaller everywhere."""
-    return QualityConfig(sparsities=(0.3, 0.5, 0.7), grad_images=16, fitness_images=16, popsize=6, generations=3,
+    return QualityConfig(sparsities=(0.3, 0.5, 0.7), grad_images=16, fitness_images=16, heldout_images=32, popsize=6,
+                         generations=3,
                          gen_ablation=(0, 1, 3), nsp_ablation=((0.5,), (0.3, 0.6), (0.1, 0.3, 0.5, 0.6)),
                          ablation_sparsities=(0.5,), knn_train=500, knn_test=300, linear_epochs=30,
                          latency_methods=("elastic",), latency_batches=(1, 64), latency_iters=5,
@@ -144,7 +161,8 @@ def quick_config() -> QualityConfig:
 
 def smoke_config() -> QualityConfig:
     """Seconds, on a tiny random ViT: exercises every stage (what the test runs)."""
-    return QualityConfig(sparsities=(0.3, 0.6), grad_images=4, batch_size=4, fitness_images=6, popsize=4,
+    return QualityConfig(sparsities=(0.3, 0.6), grad_images=4, batch_size=4, fitness_images=6, heldout_images=6,
+                         popsize=4,
                          generations=2, search_sparsities=(0.3, 0.6), gen_ablation=(0, 1, 2),
                          nsp_ablation=((0.5,), (0.3, 0.6)), ablation_sparsities=(0.6,), knn_train=0, knn_test=0,
                          k=3, linear_epochs=2, latency_methods=("elastic",), latency_batches=(2,), latency_iters=2,
@@ -165,6 +183,7 @@ class Setup:
     grad_x: torch.Tensor  # preprocessed float [G, 3, H, W]
     grad_y: torch.Tensor
     fit_x: torch.Tensor
+    held_x: torch.Tensor  # held-out fitness images (never seen by the search)
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     image_size: Optional[int]
@@ -185,16 +204,19 @@ def _subsample(n_total: int, n: int) -> np.ndarray:
     return np.linspace(0, n_total - 1, n).round().astype(int)
 
 
-def _split(data: LabelledData, cfg: QualityConfig, mean, std, size) -> Tuple[LabelledData, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Evaluation subset + disjoint gradient and fitness images drawn from the train split."""
+def _split(data: LabelledData, cfg: QualityConfig, mean, std, size) -> Tuple[LabelledData, torch.Tensor, ...]:
+    """Evaluation subset + disjoint gradient, fitness and held-out images drawn from the train split."""
     perm = np.random.default_rng(cfg.seed).permutation(len(data.y_train))
     g_idx = np.sort(perm[: cfg.grad_images])
     f_idx = np.sort(perm[cfg.grad_images: cfg.grad_images + cfg.fitness_images])
+    n_used = cfg.grad_images + cfg.fitness_images
+    h_idx = np.sort(perm[n_used: n_used + cfg.heldout_images])
     grad_x = to_model_input(data.x_train[g_idx], mean, std, size)
     fit_x = to_model_input(data.x_train[f_idx], mean, std, size)
+    held_x = to_model_input(data.x_train[h_idx], mean, std, size)
     tr, te = _subsample(len(data.y_train), cfg.knn_train), _subsample(len(data.y_test), cfg.knn_test)
     evald = LabelledData(data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te], data.class_names)
-    return evald, grad_x, torch.as_tensor(data.y_train[g_idx]).long(), fit_x
+    return evald, grad_x, torch.as_tensor(data.y_train[g_idx]).long(), fit_x, held_x
 
 
 def cifar_setup(cfg: QualityConfig, assets: Path) -> Setup:
@@ -206,12 +228,12 @@ def cifar_setup(cfg: QualityConfig, assets: Path) -> Setup:
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     data = load_labelled(assets / "cifar10-subset" / "cifar10_subset.npz")
-    evald, gx, gy, fx = _split(data, cfg, CIFAR_MEAN, CIFAR_STD, None)
+    evald, gx, gy, fx, hx = _split(data, cfg, CIFAR_MEAN, CIFAR_STD, None)
     gm = efx.trace(model, (gx[:2],))
     cfgd = ckpt["config"]
     name = (f"timm ViT (img {cfgd['img_size']}, patch {cfgd['patch_size']}, dim {cfgd['embed_dim']}, depth "
             f"{cfgd['depth']}, {cfgd['num_heads']} heads) trained on the CIFAR-10 subset")
-    return Setup(name, model, gm, efx.discover(gm), evald, gx, gy, fx, CIFAR_MEAN, CIFAR_STD, None)
+    return Setup(name, model, gm, efx.discover(gm), evald, gx, gy, fx, hx, CIFAR_MEAN, CIFAR_STD, None)
 
 
 def smoke_setup(cfg: QualityConfig) -> Setup:
@@ -227,9 +249,9 @@ def smoke_setup(cfg: QualityConfig) -> Setup:
     x_te = (rng.integers(0, 256, (12, 16, 16, 3)) // 2 + (y_te * 40)[:, None, None, None]).astype(np.uint8)
     data = LabelledData(x_tr, y_tr, x_te, y_te, ["a", "b", "c", "d"])
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    evald, gx, gy, fx = _split(data, cfg, mean, std, None)
+    evald, gx, gy, fx, hx = _split(data, cfg, mean, std, None)
     gm = efx.trace(model, (gx[:2],))
-    return Setup("tiny random timm ViT (smoke)", model, gm, efx.discover(gm), evald, gx, gy, fx, mean, std, None)
+    return Setup("tiny random timm ViT (smoke)", model, gm, efx.discover(gm), evald, gx, gy, fx, hx, mean, std, None)
 
 
 def user_setup(cfg: QualityConfig, args: argparse.Namespace) -> Setup:
@@ -246,8 +268,9 @@ def user_setup(cfg: QualityConfig, args: argparse.Namespace) -> Setup:
                             "(a timm / Hugging Face / torchvision model).")
     size = pre.input_size[0]
     data = load_labelled(args.data) if args.data else load_labelled(args.train, args.test, image_size=size)
-    evald, gx, gy, fx = _split(data, cfg, pre.mean, pre.std, size)
-    return Setup(args.model, model, gm, efx.discover(gm), evald, gx, gy, fx, tuple(pre.mean), tuple(pre.std), size)
+    evald, gx, gy, fx, hx = _split(data, cfg, pre.mean, pre.std, size)
+    return Setup(args.model, model, gm, efx.discover(gm), evald, gx, gy, fx, hx, tuple(pre.mean), tuple(pre.std),
+                 size)
 
 
 def use_calibration_folder(setup: Setup, cfg: QualityConfig, folder: str) -> None:
@@ -301,9 +324,14 @@ class Cache:
 def _atomic_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _atomic_figure(fig, path: Path) -> None:
@@ -311,6 +339,7 @@ def _atomic_figure(fig, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -394,6 +423,27 @@ def search_sparsity_set(setup: Setup, cfg: QualityConfig, cache: Cache, dino: Lo
     return efx.ElasticScores.load(path, setup.smap)
 
 
+def heldout_fitness(setup: Setup, cfg: QualityConfig, cache: Cache, key: str, scores: Any, log: Log) -> None:
+    """The search's own objective (PCA cosine to the dense embeddings, averaged over the search
+    sparsities) of one ranking, on held-out train images the search never saw."""
+    name = f"heldout/{key.replace(':', '')}"
+    if cache.get(name) is not None or len(setup.held_x) < 3:
+        return
+    from elastic_fx.passes.mask import build_masked, masked_embeddings
+    from elastic_fx.search.fitness import PCACosineFitness
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        dense = embedding_module(setup.gm, setup.smap)(setup.held_x).float()
+    fitness = PCACosineFitness(dense, dim=min(cfg.pca_dim, cfg.fitness_images - 1))
+    keeps = [scores.keep(setup.smap, s) for s in cfg.search_sparsities]
+    emb = masked_embeddings(build_masked(setup.gm, setup.smap), setup.held_x, keeps, batch_size=64)
+    value = float(fitness(emb.float()).mean())
+    cache.put(name, value)
+    log.stage("held-out fitness", time.perf_counter() - t0)
+    log(f"held-out fitness of {key}: {value:.4f}")
+
+
 # ============================================================================ Torch-Pruning
 def tp_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, batch_size: int = 32
                  ) -> Dict[str, torch.Tensor]:
@@ -422,23 +472,28 @@ def tp_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind:
     return {k: v / n for k, v in acc.items()}
 
 
-def tp_counts(smap, sparsity: float) -> Tuple[int, int]:
+def tp_counts(smap, sparsity: float, heads: bool = True) -> Tuple[int, int]:
     """Heads and neurons to remove so the removed block parameters reach ``sparsity``.
 
-    The same fraction of heads as of parameters (rounded), then neurons fill the rest.
+    ``heads=True``: the same fraction of heads as of parameters (rounded), then neurons fill
+    the rest. ``heads=False``: neurons only (a ValueError when they cannot reach it).
     """
     blocks = [b for b in smap.blocks if b.attention is not None and b.mlp is not None]
-    heads = sum(b.attention.num_heads for b in blocks)
+    total_h = sum(b.attention.num_heads for b in blocks)
+    total_n = sum(b.mlp.hidden_features for b in blocks)
     pph = blocks[0].attention.params_per_head
     ppn = blocks[0].mlp.params_per_neuron
-    n_h = int(round(sparsity * heads))
+    n_h = int(round(sparsity * total_h)) if heads else 0
     need = sparsity * smap.prunable_params - n_h * pph
     n_n = max(0, int(math.ceil(need / ppn - 1e-9)))
+    if n_n >= total_n:
+        raise ValueError(f"cannot reach sparsity {sparsity} with FFN neurons alone (they hold "
+                         f"{total_n * ppn / smap.prunable_params:.3f} of the block parameters)")
     return n_h, n_n
 
 
 def tp_prune(model: torch.nn.Module, grads: Dict[str, torch.Tensor], kind: str, sparsity: float, smap,
-             example: torch.Tensor) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+             example: torch.Tensor, heads: bool = True) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """A copy of the timm ViT pruned by Torch-Pruning's MetaPruner (global ranking, whole heads + FFN neurons)."""
     import torch_pruning as tp
 
@@ -447,7 +502,7 @@ def tp_prune(model: torch.nn.Module, grads: Dict[str, torch.Tensor], kind: str, 
     for k, g in grads.items():
         named[k].grad = g.clone()
     imp = tp.importance.TaylorImportance() if kind == "taylor" else tp.importance.HessianImportance()
-    n_h, n_n = tp_counts(smap, sparsity)
+    n_h, n_n = tp_counts(smap, sparsity, heads)
     total_h = sum(b.attn.num_heads for b in m.blocks)
     total_n = sum(b.mlp.fc1.out_features for b in m.blocks)
     # residual-stream writers are ignored so the embedding width stays; only heads and FFN neurons go
@@ -530,14 +585,12 @@ def eval_dense(setup: Setup, cfg: QualityConfig, cache: Cache, log: Log) -> None
 
 
 def eval_torch_pruning(setup: Setup, cfg: QualityConfig, cache: Cache, log: Log) -> None:
-    try:
-        import torch_pruning  # noqa: F401
-    except ImportError:
-        missing = "torch-pruning is not installed (pip install torch-pruning)"
-    else:
-        missing = None
-    for kind in ("taylor", "hessian"):
-        name = f"tp_{kind}"
+    import importlib.util
+
+    missing = None if importlib.util.find_spec("torch_pruning") else \
+        "torch-pruning is not installed (pip install torch-pruning)"
+    grads: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, (kind, heads) in TP_VARIANTS.items():
         if name not in cfg.methods:
             continue
         todo = [s for s in cfg.sparsities if cache.get(f"eval/{name}/{s:.2f}") is None]
@@ -548,14 +601,15 @@ def eval_torch_pruning(setup: Setup, cfg: QualityConfig, cache: Cache, log: Log)
             for s in todo:
                 cache.put(f"eval/{name}/{s:.2f}", {"sparsity": s, "error": missing})
             continue
-        t0 = time.perf_counter()
-        grads = tp_gradients(setup.model, *setup.labelled(), kind)
-        log.stage(f"scores: {name}", time.perf_counter() - t0)
-        log(f"{name} gradients in {time.perf_counter() - t0:.1f}s")
+        if kind not in grads:  # the FFN-only variant reuses the Taylor gradients
+            t0 = time.perf_counter()
+            grads[kind] = tp_gradients(setup.model, *setup.labelled(), kind)
+            log.stage(f"scores: tp_{kind}", time.perf_counter() - t0)
+            log(f"tp_{kind} gradients in {time.perf_counter() - t0:.1f}s")
         for s in todo:
             t1 = time.perf_counter()
             try:
-                pruned, info = tp_prune(setup.model, grads, kind, s, setup.smap, setup.grad_x[:2])
+                pruned, info = tp_prune(setup.model, grads[kind], kind, s, setup.smap, setup.grad_x[:2], heads)
                 acc = eval_module(setup, cfg, pruned)
                 row = _row(acc, info["sparsity"], info["params"], time.perf_counter() - t1,
                            kept_heads=info["kept_heads"], kept_neurons=info["kept_neurons"])
@@ -580,11 +634,11 @@ def measure_latency(setup: Setup, cfg: QualityConfig, cache: Cache, rankings: Di
                 continue
             t0 = time.perf_counter()
             try:
-                if name.startswith("tp_"):
-                    kind = name[3:]
+                if name in TP_VARIANTS:
+                    kind, heads = TP_VARIANTS[name]
                     if kind not in grads:
                         grads[kind] = tp_gradients(setup.model, *setup.labelled(), kind)
-                    module = tp_prune(setup.model, grads[kind], kind, s, setup.smap, setup.grad_x[:2])[0]
+                    module = tp_prune(setup.model, grads[kind], kind, s, setup.smap, setup.grad_x[:2], heads)[0]
                 else:
                     module = efx.ElasticModel(setup.gm, rankings[name]).at(s)
                 with tempfile.TemporaryDirectory() as tmp:
@@ -612,7 +666,7 @@ def _table(cache: Cache, methods: Sequence[str], sparsities: Sequence[float], me
             r = cache.get(f"eval/{m}/{s:.2f}") or {}
             v = r.get(metric)
             values[m][s] = v
-            row.append("fail" if "error" in r else _pct(v))
+            row.append(("n/a" if "cannot reach" in r["error"] else "fail") if "error" in r else _pct(v))
         lines.append("| " + " | ".join(row) + " |")
     return lines, values
 
@@ -734,7 +788,7 @@ def _claims(values: Dict[str, Dict[float, Optional[float]]], sparsities: Sequenc
         if hi:
             lines.append(f"* clearly better at 40-60 %: mean difference {100 * np.mean(hi):+.1f} points "
                          "(paper: +6.9 at 50 % for DINO ViT-B/16)")
-    for other in ("magnitude", "lamp", "snip", "tp_taylor", "tp_hessian", "random"):
+    for other in ("magnitude", "lamp", "snip", "tp_taylor", "tp_hessian", "tp_taylor_ffn", "random"):
         ov = values.get(other, {})
         if not el or not ov:
             continue
@@ -743,6 +797,65 @@ def _claims(values: Dict[str, Dict[float, Optional[float]]], sparsities: Sequenc
             beats = all(d > 0 for d in diffs.values())
             lines.append(f"* elastic beats {LABELS[other]} at every sparsity >= 30 %: **{'yes' if beats else 'no'}** ("
                          + ", ".join(f"{s:.0%} {100 * d:+.1f}" for s, d in diffs.items()) + ")")
+    return lines
+
+
+def _protocol_notes(setup: Setup, cfg: QualityConfig) -> List[str]:
+    """How every method was run, and where this run departs from the paper's protocol."""
+    from importlib import metadata
+
+    tp = [m for m in cfg.methods if m in TP_VARIANTS]
+    try:
+        tp_version = metadata.version("torch-pruning")
+    except metadata.PackageNotFoundError:
+        tp_version = "not installed"
+    heads = sum(b.attention.num_heads for b in setup.smap.blocks if b.attention is not None)
+    d = len(Layout.of(setup.smap).ones())
+    n_test = max(1, len(setup.data.y_test))
+    lines = ["## How the methods were run", "",
+             f"* **elastic_fx (xNES)**: `efx.prune(gm, images, iterations={cfg.generations}, "
+             f"sparsities={list(cfg.search_sparsities)}, local=<the DINO local scores>)` with "
+             f"{cfg.fitness_images} fitness images, PCA to {min(cfg.pca_dim, cfg.fitness_images - 1)} dimensions, "
+             f"population {cfg.popsize or 'default (4 + floor(3 ln d))'}; one ranking for every sparsity.",
+             f"* **fisher-only**: the same DINO local scores (squared gradients of the DINO multi-crop loss, "
+             f"2 global + 10 local crops, {cfg.grad_images} images in batches of {cfg.batch_size}), ranked without "
+             "search (`ElasticScores.from_local`, c = 1). The DINO scores are computed once and reused by every "
+             "search variant.",
+             "* **magnitude / LAMP / random / SNIP-magnitude**: `local_scores(method=...)` (SNIP on the same DINO "
+             "loss and images), ranked by the same budget walk and per-block floors (20 % of heads, 5 % of neurons).",
+             ]
+    if tp:
+        lines += [
+            f"* **Torch-Pruning** (torch-pruning {tp_version}, `tp.pruner.MetaPruner`, `global_pruning=True`): "
+            "the timm model "
+            "with its classifier; importance from the cross-entropy loss WITH the labels of the same gradient "
+            "images (its documented use: a labelled loss, which the label-free methods do not get). The residual-"
+            "stream writers (patch embedding, every `attn.proj` and `mlp.fc2`, the head) are ignored so that only "
+            "whole heads (`num_heads`, `prune_num_heads=True`, `prune_head_dims=False`) and FFN neurons (all `fc1` in "
+            "one ranking scope) are removed; each block's `attn.num_heads` is patched afterwards (Torch-Pruning "
+            "leaves that to the user). Budget: Torch-Pruning takes a head ratio and a channel ratio, not a "
+            f"parameter budget, so the benchmark removes `round(s x {heads})` heads (the same fraction of heads as of "
+            "parameters) and as many neurons as complete the parameter budget (achieved sparsity = target within "
+            "one neuron). `Taylor, FFN only` removes neurons only (head ratio 0), which cannot reach more than the "
+            "FFNs' share of the block parameters (n/a above it). Torch-Pruning has no per-block floor: at 80 % its "
+            "global head ranking empties a block's attention and the model no longer runs (`fail`).",
+            f"* Torch-Pruning {tp_version}'s `HessianImportance.accumulate_grad` tests `name in self._accu_grad` "
+            "but stores "
+            "under the parameter object, so every call overwrites the sum: as shipped it keeps only the LAST "
+            "sample's squared gradient. The benchmark computes the intended per-sample mean of squared gradients "
+            "itself and hands it to the importance (a stronger baseline than the library as shipped).",
+            "* Torch-Pruning's pruned models compute exactly what `efx.slice` gives for the same kept heads and "
+            "neurons (checked in tests/test_bench_quality.py), so all methods differ only in what they keep.",
+        ]
+    lines += ["", "Departures from the paper's protocol (CPU budget): "
+              f"{cfg.grad_images} gradient images [paper: 1000]; {cfg.fitness_images} fitness images [1000] and PCA "
+              f"to {min(cfg.pca_dim, cfg.fitness_images - 1)} dims [192]; xNES population {cfg.popsize or 'default'} "
+              f"[4 + floor(3 ln d) = {4 + int(3 * math.log(d))} here]; {len(setup.smap.blocks)} blocks, d = {d} search "
+              f"dimensions [ImageNet ViT-B/16: d = 156]; the k-NN reference set has {len(setup.data.y_train)} "
+              "images and "
+              f"the test set {n_test}, so one accuracy has a standard error of up to "
+              f"{100 * math.sqrt(0.25 / n_test):.1f} points (two prunings of the same model scored on the same images "
+              "differ by less noise, but differences of about one point are not significant).", ""]
     return lines
 
 
@@ -759,14 +872,15 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
           f"Date: {REPORT_DATE}. Machine: {platform.machine()} CPU, {os.cpu_count()} cores "
           f"({_cpu_name()}), torch {torch.__version__}, Python {platform.python_version()}; "
           f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared the cores). "
-          f"Wall time {wall / 60:.1f} min. Produced by `python benchmarks/bench_quality.py"
-          + ("" if mode == "full" else f" --{mode}") + "`.", "",
+          f"Compute time {wall / 60:.1f} min (summed over resumed runs). Produced by "
+          f"`python benchmarks/bench_quality.py {' '.join(sys.argv[1:])}`.".replace(" `.", "`."), "",
           f"Model: {setup.name}. Evaluation: k-NN (k={cfg.k}, L2-normalised pooled embeddings) with "
           f"{len(setup.data.y_train)} train images as the reference set and {len(setup.data.y_test)} test images"
           + (f"; linear probe: the DINO recipe (SGD, momentum 0.9, lr 1e-3, batch 256, cosine) for "
-             f"{cfg.linear_epochs} epochs on the same frozen features, best-of-10%-held-out-train epoch" if cfg.linear_epochs else "")
+             f"{cfg.linear_epochs} epochs on the same frozen features, best-of-10%-held-out-train epoch"
+             if cfg.linear_epochs else "")
           + ".", ""]
-    md += setup.notes
+    md += setup.notes + _protocol_notes(setup, cfg)
     md += ["## k-NN top-1 (%) vs sparsity", "",
            "Sparsity = fraction of the blocks' prunable parameters (heads + FFN neurons) removed; "
            "every method removes whole heads and whole neurons.", ""] + knn_lines + [""]
@@ -777,17 +891,21 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
     md += ["## Ablations", "", f"k-NN top-1 (%) at the ablation sparsities. Generations: one xNES trajectory "
            f"(popsize {cfg.popsize or 'default'}, search sparsities {list(cfg.search_sparsities)}); 0 generations is "
            "the fisher-only ranking. Search sparsities: separate runs of "
-           f"{cfg.generations} generations.", ""]
+           f"{cfg.generations} generations. Search fitness: the best candidate's PCA cosine on the "
+           f"{cfg.fitness_images} fitness images, averaged over that run's search sparsities; held-out fitness: the "
+           f"same objective (search sparsities {list(cfg.search_sparsities)}) on {cfg.heldout_images} other train "
+           "images the search never saw.", ""]
     abl = cfg.ablation_sparsities
-    md += ["| variant | best fitness | " + " | ".join(f"{s:.0%}" for s in abl) + " |",
-           "|---|---:|" + "---:|" * len(abl)]
+    md += ["| variant | search fitness (best) | held-out fitness | " + " | ".join(f"{s:.0%}" for s in abl) + " |",
+           "|---|---:|---:|" + "---:|" * len(abl)]
     for key in sorted(variants, key=lambda k: (k.split(":")[0], int(k.split(":")[1]))):
         kind, n = key.split(":")
         name = f"gen{n}" if kind == "gen" else f"nsp{n}"
         label = f"{n} generations" if kind == "gen" else f"{n} search sparsit{'y' if n == '1' else 'ies'} " \
                 f"{list(variants[key].sparsities) if variants[key].sparsities else ''}"
         fit = variants[key].best_fitness
-        md.append(f"| {label} | {'-' if fit is None else f'{fit:.4f}'} | "
+        held = cache.get(f"heldout/{kind}{n}")
+        md.append(f"| {label} | {'-' if fit is None else f'{fit:.4f}'} | {'-' if held is None else f'{held:.4f}'} | "
                   + " | ".join(_pct((cache.get(f"eval/{name}/{s:.2f}") or {}).get("knn")) for s in abl) + " |")
     md += ["", "![ablations](quality_ablations.png)", "", "## Accuracy vs measured ONNX Runtime latency", "",
            "Sliced models exported with `efx.export_onnx` (checked against PyTorch) and timed with onnxruntime "
@@ -802,7 +920,7 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
             if lat is None:
                 continue
             acc = dense if s == 0.0 else cache.get(f"eval/{m}/{s:.2f}") or {}
-            cells = [lat.get("error", "fail")[:40] if c not in lat else f"{lat[c]:.2f}" for c in lat_cols]
+            cells = ["fail" if c not in lat else f"{lat[c]:.2f}" for c in lat_cols]  # reasons: see Failures
             md.append(f"| {LABELS.get(m, m)} | {s:.0%} | " + " | ".join(cells) + f" | {_pct(acc.get('knn'))} |")
     md += ["", "![accuracy vs latency](quality_latency.png)", "", "## Settings and time per stage", "",
            "```", json.dumps(_jsonable(asdict(cfg))), "```", "",
@@ -840,7 +958,10 @@ def run(cfg: QualityConfig, setup: Setup, work_dir: Path, out_dir: Path, mode: s
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
         raise efx.ElasticFxError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    fingerprint = json.dumps([setup.name, setup.smap.fingerprint(), _jsonable(asdict(cfg))])
+    # only what changes a cached score or evaluation; methods, sparsities, ablation lists and latency
+    # settings may change between runs (their results are cached under their own keys)
+    keyed = {k: v for k, v in asdict(cfg).items() if k in FINGERPRINT_FIELDS}
+    fingerprint = json.dumps([setup.name, setup.smap.fingerprint(), _jsonable(keyed)])
     cache = Cache(work_dir, fingerprint)
     log.cache = cache
     log(f"{setup.name}: {len(setup.data.y_train)} k-NN train / {len(setup.data.y_test)} test images, "
@@ -871,6 +992,7 @@ def run(cfg: QualityConfig, setup: Setup, work_dir: Path, out_dir: Path, mode: s
             if done is not None and cache.get(f"eval/{name}/{s:.2f}") is None:
                 cache.put(f"eval/{name}/{s:.2f}", done)
         eval_scores(setup, cfg, cache, name, variants[key], cfg.ablation_sparsities, log)
+        heldout_fitness(setup, cfg, cache, key, variants[key], log)
 
     for g in (g for g in chain if g <= cfg.generations):
         variants[f"gen:{g}"] = search_generations(setup, cfg, cache, dino, g, log)
@@ -917,6 +1039,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--popsize", type=int, help="0: the xNES default")
     p.add_argument("--generations", type=int, help="generations of the 'elastic' method")
     p.add_argument("--gen-ablation", type=int, nargs="+")
+    p.add_argument("--no-ablations", action="store_true", help="only the main search (no generation / "
+                   "search-sparsity ablation runs)")
     p.add_argument("--knn-train", type=int, help="k-NN reference images (0: all)")
     p.add_argument("--linear-epochs", type=int, help="0: no linear probe")
     p.add_argument("--latency-methods", nargs="*", choices=METHODS)
@@ -935,7 +1059,10 @@ def config_from(args: argparse.Namespace) -> Tuple[QualityConfig, str]:
                  "gen_ablation": args.gen_ablation, "knn_train": args.knn_train, "linear_epochs": args.linear_epochs,
                  "latency_methods": args.latency_methods, "seed": args.seed, "threads": args.threads}
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
-    return replace(cfg, **overrides), mode
+    cfg = replace(cfg, **overrides)
+    if args.no_ablations:
+        cfg = replace(cfg, gen_ablation=(0, cfg.generations), nsp_ablation=(tuple(cfg.search_sparsities),))
+    return cfg, mode
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -951,7 +1078,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if not (args.data or (args.train and args.test)):
             raise SystemExit("--model needs --data FILE.npz or --train DIR --test DIR")
         setup = user_setup(cfg, args)
-    elif (assets / "vit-cifar" / "vit_cifar.pt").is_file() and (assets / "cifar10-subset" / "cifar10_subset.npz").is_file():
+    elif all((assets / f).is_file() for f in ("vit-cifar/vit_cifar.pt", "cifar10-subset/cifar10_subset.npz")):
         setup = cifar_setup(cfg, assets)
         setup.notes += [
             "Gradient images (DINO local scores, SNIP, Torch-Pruning's labelled loss) and the search's fitness images "
