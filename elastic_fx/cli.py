@@ -4,7 +4,7 @@
     elastic-fx score MODEL --images DIR --out FILE          local (diagonal-Hessian) scores
     elastic-fx prune MODEL --images DIR --out scores.efx     local scores + xNES search
     elastic-fx export MODEL --scores FILE --sparsity ... --out-dir DIR   one ONNX per budget
-    elastic-fx eval MODEL --scores FILE --sparsity ... --train DIR --test DIR
+    elastic-fx eval MODEL --scores FILE --sparsity ... --train DIR --test DIR   (or --data FILE.npz)
     elastic-fx report SCORES_FILE                            Markdown report with plots
     elastic-fx import-scores FILE --model MODEL --out scores.efx   (reference code's score files)
     elastic-fx demo                                          the whole pipeline on a small ViT
@@ -188,6 +188,29 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluate import LinearProbeConfig, evaluate_budgets, format_budget_table, load_labelled
+    from .passes.discover import discover
+
+    _, gm = _model_and_graph(args)
+    smap = discover(gm)
+    scores = _scores_for(args, gm, smap)
+    size = gm.meta["elastic_fx.example_inputs"][0].shape[-1]
+    if args.data:
+        data = load_labelled(args.data, image_size=size)
+    elif args.train and args.test:
+        data = load_labelled(args.train, args.test, image_size=size)
+    else:
+        from .errors import DataError
+
+        raise DataError("give labelled images: --data FILE.npz, or --train DIR --test DIR (class_name/image.jpg)")
+    linear = LinearProbeConfig(epochs=args.linear_epochs) if args.linear_epochs else None
+    results = evaluate_budgets(gm, scores, data, _sparsities([0.0] + [s for s in args.sparsity if s > 0]),
+                               k=args.k, linear=linear, device=args.device or "cpu")
+    print(format_budget_table(results, title=f"{args.model}: k-NN (k={args.k}) by budget"))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -262,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import_scores)
+
+    p = sub.add_parser("eval", help="k-NN (and linear probe) accuracy of the sub-network at each sparsity")
+    _add_model(p)
+    p.add_argument("--scores", default="magnitude", help="score file (.efx) or a baseline: magnitude, lamp, random")
+    p.add_argument("--sparsity", type=float, nargs="+", required=True)
+    p.add_argument("--train", help="labelled train folder (class_name/image.jpg)")
+    p.add_argument("--test", help="labelled test folder")
+    p.add_argument("--data", help="an .npz with x_train, y_train, x_test, y_test")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--linear-epochs", type=int, default=0, help="also train a linear probe for this many epochs")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="Markdown report with the allocation heatmap and fitness plot")
     p.add_argument("scores_file")

@@ -93,3 +93,21 @@ def test_export_with_weight_correction(spec, tmp_path):
     from elastic_fx.exporters.onnx import read_metadata
 
     assert read_metadata(out / manifest["budgets"][0]["file"])["weight_correction"] == "true"
+
+
+def test_eval_prints_accuracy_by_budget(spec, tmp_path, capsys):
+    """elastic-fx eval on an .npz of two separable classes of images."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    def split(n):
+        y = rng.integers(0, 2, n)
+        x = np.where(y[:, None, None, None] == 1, 200, 30) + rng.integers(0, 40, (n, 32, 32, 3))
+        return x.astype(np.uint8), y
+    xtr, ytr = split(40)
+    xte, yte = split(20)
+    np.savez(tmp_path / "d.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    assert main(["eval", spec, "--scores", "magnitude", "--sparsity", "0.3", "--data", str(tmp_path / "d.npz"),
+                 "--k", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "k-NN" in out and "0.3" in out
