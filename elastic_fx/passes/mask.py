@@ -35,7 +35,7 @@ The MaskedModel owns a deep copy of ``gm``'s parameters, taken once when it is b
 moving it to a GPU leaves ``gm`` where it is, and later edits of ``gm`` are not seen.
 
 What was measured (CPU, 2 busy shared cores, so +-50 % run to run;
-``benchmarks/bench_mask_forward.py --quick``): batched masked scoring is 20-35x faster
+``benchmarks/bench_search.py --quick``): batched masked scoring is 20-35x faster
 per pair than deepcopy + slice + forward, mostly from not slicing (copy + slice is
 ~80 % of the reference's time) and 4-6x on the forward alone (ViT-S/16 at 224 px:
 8x overall). On the CPU, skipping masked heads (``use_kernel=True``: the gathering
