@@ -206,7 +206,7 @@ def cmd_eval(args) -> int:
         raise DataError("give labelled images: --data FILE.npz, or --train DIR --test DIR (class_name/image.jpg)")
     linear = LinearProbeConfig(epochs=args.linear_epochs) if args.linear_epochs else None
     results = evaluate_budgets(gm, scores, data, _sparsities([0.0] + [s for s in args.sparsity if s > 0]),
-                               k=args.k, linear=linear, device=args.device or "cpu")
+                               k=args.k, linear=linear, device=args.device or "cpu", mean=args.mean, std=args.std)
     print(format_budget_table(results, title=f"{args.model}: k-NN (k={args.k}) by budget"))
     return 0
 
@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="labelled train folder (class_name/image.jpg)")
     p.add_argument("--test", help="labelled test folder")
     p.add_argument("--data", help="an .npz with x_train, y_train, x_test, y_test")
+    p.add_argument("--mean", type=float, nargs=3, help="input normalisation, if the model carries no config")
+    p.add_argument("--std", type=float, nargs=3)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--linear-epochs", type=int, default=0, help="also train a linear probe for this many epochs")
     p.add_argument("--device", default=None)

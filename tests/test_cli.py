@@ -108,6 +108,6 @@ def test_eval_prints_accuracy_by_budget(spec, tmp_path, capsys):
     xte, yte = split(20)
     np.savez(tmp_path / "d.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
     assert main(["eval", spec, "--scores", "magnitude", "--sparsity", "0.3", "--data", str(tmp_path / "d.npz"),
-                 "--k", "5"]) == 0
+                 "--k", "5", "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "k-NN" in out and "0.3" in out
