@@ -15,6 +15,7 @@ from elastic_fx.scoring.baselines import (
 )
 from elastic_fx.scoring.local import LocalScores, local_scores
 from zoo import ZOO
+from oracles import per_structure_sum
 
 
 @pytest.fixture(scope="module")
@@ -24,20 +25,7 @@ def vit():
     return model, gm, efx.discover(gm)
 
 
-def _per_structure(smap, values):
-    """Σ of values[name] over each structure's entries, one structure at a time (index_select)."""
-    heads, neurons = {}, {}
-    for b in smap.blocks:
-        for kind, group in b.groups():
-            out = torch.zeros(group.size, dtype=torch.float64)
-            for sl in group.slices:
-                if sl.buffer:
-                    continue
-                v = values[sl.name].double()
-                for s in range(group.size):
-                    out[s] += v.index_select(sl.dim, sl.index[s]).sum()
-            (heads if kind == "heads" else neurons)[b.index] = out.float()
-    return heads, neurons
+_per_structure = per_structure_sum
 
 
 def _assert_scores(ls, ref, rtol=1e-5):

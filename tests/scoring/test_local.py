@@ -21,6 +21,7 @@ from elastic_fx.scoring import dino as dino_mod
 from elastic_fx.scoring.dino import DinoConfig, MultiCropSampler, dino_loss
 from elastic_fx.scoring.local import LocalScores, local_scores
 from zoo import ZOO
+from oracles import per_structure_sum
 
 PRE = PreprocessConfig((32, 32), (0.5, 0.4, 0.3), (0.25, 0.25, 0.25))
 SMALL_DINO = DinoConfig(n_global=2, n_local=2)
@@ -56,19 +57,8 @@ def _output_loss(model, x):
 
 def _naive(smap, params, grad_steps):
     """Σ over steps of Σ over each structure's entries of grad², one structure at a time."""
-    heads, neurons = {}, {}
-    for b in smap.blocks:
-        for kind, group in b.groups():
-            out = torch.zeros(group.size, dtype=torch.float64)
-            for sl in group.slices:
-                if sl.buffer:
-                    continue
-                for grads in grad_steps:
-                    g = grads[sl.name].double()
-                    for s in range(group.size):
-                        out[s] += g.index_select(sl.dim, sl.index[s]).square().sum()
-            (heads if kind == "heads" else neurons)[b.index] = out.float()
-    return heads, neurons
+    squares = {n: sum(g[n].double().square() for g in grad_steps) for n in grad_steps[0]}
+    return per_structure_sum(smap, squares)
 
 
 def _grads_of(loss, params):
