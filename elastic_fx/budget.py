@@ -37,6 +37,15 @@ stays there), so each budget removes a *prefix* of one fixed sequence and the ma
 nested: what is kept at sparsity 0.5 is a subset of what is kept at 0.3.
 :func:`nested_masks` cuts one walk at several budgets.
 
+Rankings
+--------
+``ranking="global"`` (the default, paper Eq. 9) is the walk above: heads and neurons compete
+in one order. ``ranking="separate"`` ranks each kind on its own, as the reference code does:
+the walk is re-interleaved so that every budget removes about a fraction ``r`` of the neuron
+parameters and ``max(0, r - head_offset)`` of the head parameters (``head_offset`` 0.15
+reproduces the reference's evaluation pairs); within a kind the order of the scores is kept.
+Both are fixed orders, so budgets stay nested.
+
 The other budgets
 -----------------
 * ``flops=f``, ``f`` in (0, 1]: keep at most ``f`` of the dense model's theoretical FLOPs
@@ -88,6 +97,13 @@ _REL_TOL = 1e-9
 
 KeepDict = Dict[int, Dict[str, List[int]]]
 Scores = Mapping[int, Any]
+
+#: How heads and neurons are ranked against each other (see "Rankings" in the module docstring).
+RANKINGS = ("global", "separate")
+#: ``ranking="separate"``: the fraction of head parameters removed trails the fraction of
+#: neuron parameters removed by this much (the reference code's evaluation pairs
+#: (mlp_ratio, head_ratio) = (0.15, 0), (0.25, 0.1) ... (0.65, 0.5)).
+DEFAULT_HEAD_OFFSET = 0.15
 
 
 # ----------------------------------------------------------------------------- floors
@@ -236,12 +252,44 @@ def _order(t: _Table) -> np.ndarray:
     return np.lexsort((t.index, t.kind, t.block, t.score))  # last key is the primary one
 
 
-def _walk(smap: StructureMap, head_scores: Scores, neuron_scores: Scores, floors: Floors) -> Tuple[_Table, np.ndarray]:
+def _walk(smap: StructureMap, head_scores: Scores, neuron_scores: Scores, floors: Floors,
+          ranking: str = "global", head_offset: float = DEFAULT_HEAD_OFFSET) -> Tuple[_Table, np.ndarray]:
     """The validated table and its removal sequence (structure positions, in walk order)."""
     if not isinstance(floors, Floors):
         raise BudgetError(f"floors must be an elastic_fx.budget.Floors, got {type(floors).__name__}")
+    if ranking not in RANKINGS:
+        raise BudgetError(f"ranking={ranking!r} is not one of {RANKINGS}: 'global' ranks heads and neurons "
+                          "together (paper Eq. 9), 'separate' ranks each kind on its own")
     t = _table(smap, head_scores, neuron_scores)
-    return t, _removal_sequence(t, _order(t), floors)
+    seq = _removal_sequence(t, _order(t), floors)
+    if ranking == "separate":
+        seq = _separate_sequence(t, seq, head_offset)
+    return t, seq
+
+
+def _separate_sequence(t: _Table, seq: np.ndarray, head_offset: float) -> np.ndarray:
+    """Re-interleave a removal sequence so each kind is ranked on its own.
+
+    Within a kind the order of ``seq`` is kept. A structure's *progress* is the fraction of
+    its kind's prunable parameters removed before it; a head's progress is shifted by
+    ``head_offset``. Merging both kinds by progress means that every prefix (so every
+    budget) removes about ``r`` of the neuron parameters and ``max(0, r - head_offset)`` of
+    the head parameters -- the reference code's (mlp_ratio, head_ratio) pairs -- whatever
+    the scores of one kind are relative to the other.
+    """
+    off = float(head_offset)
+    if not (math.isfinite(off) and 0.0 <= off < 1.0):
+        raise BudgetError(f"head_offset must be a number in [0, 1), got {head_offset!r}")
+    progress = np.zeros(seq.size, dtype=np.float64)
+    kinds = t.kind[seq]
+    for code, shift in ((_KINDS.index(NEURONS), 0.0), (_KINDS.index(HEADS), off)):
+        mine = kinds == code
+        total = float(t.params[t.kind == code].sum())
+        if total > 0:
+            before = np.cumsum(t.params[seq[mine]]) - t.params[seq[mine]]
+            progress[mine] = before / total + shift
+    order = np.lexsort((np.arange(seq.size), -kinds, progress))  # ties: neurons first, then walk order
+    return seq[order]
 
 
 def _removal_sequence(t: _Table, order: np.ndarray, floors: Floors) -> np.ndarray:
@@ -392,6 +440,8 @@ def budget_masks(
     floors: Floors = Floors(),
     mlp_ratio: Optional[float] = None,
     head_ratio: Optional[float] = None,
+    ranking: str = "global",
+    head_offset: float = DEFAULT_HEAD_OFFSET,
 ) -> KeepDict:
     """Keep dict for one budget: exactly one of ``sparsity``, ``flops``, or the ratio pair.
 
@@ -401,10 +451,12 @@ def budget_masks(
     kind ranked on its own (the reference's pair). Scores are ``{block: 1-D tensor}``, one
     score per structure, comparable across heads and neurons (per-parameter averages; larger
     = more important). See the module docstring for the walk, the floors, the tie-break and
-    the output format. Raises :class:`BudgetError` for an out-of-range or unreachable budget.
+    the output format. ``ranking`` (``"global"`` or ``"separate"``) and ``head_offset``: see
+    "Rankings" in the module docstring. Raises :class:`BudgetError` for an out-of-range or
+    unreachable budget.
     """
     mode = _mode(sparsity, flops, mlp_ratio, head_ratio)
-    t, seq = _walk(smap, head_scores, neuron_scores, floors)
+    t, seq = _walk(smap, head_scores, neuron_scores, floors, ranking, head_offset)
     if mode == "ratios":
         removed = _ratio_removed(t, seq, mlp_ratio, head_ratio, floors)
     elif mode == "flops":
@@ -424,6 +476,8 @@ def nested_masks(
     *,
     flops: Optional[Sequence[float]] = None,
     floors: Floors = Floors(),
+    ranking: str = "global",
+    head_offset: float = DEFAULT_HEAD_OFFSET,
 ) -> List[KeepDict]:
     """Keep dicts for several budgets from ONE walk, in the order given (so always nested).
 
@@ -434,7 +488,7 @@ def nested_masks(
     if (sparsities is None) == (flops is None):
         raise BudgetError("nested_masks takes exactly one of sparsities=[...] or flops=[...]")
     budgets = list(sparsities if sparsities is not None else flops)
-    t, seq = _walk(smap, head_scores, neuron_scores, floors)
+    t, seq = _walk(smap, head_scores, neuron_scores, floors, ranking, head_offset)
     cut = _sparsity_cut if sparsities is not None else _flops_cut
     return [_keep_dict(smap, t, seq[: cut(smap, t, seq, b, floors)]) for b in budgets]
 

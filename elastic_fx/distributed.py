@@ -66,7 +66,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar, Unio
 import torch
 import torch.distributed as dist
 
-from .errors import ElasticFxError
+from .errors import DistributedError, ElasticFxError
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,6 @@ SAME_WEIGHTS_HINT = (
 SAME_IMAGES_HINT = (
     "Give every rank the same image folder (the same path and files on every node) or the same tensor."
 )
-
-
-class DistributedError(ElasticFxError):
-    """A rank stopped responding, or the distributed environment is unusable."""
 
 
 # ============================================================================ helpers

@@ -26,8 +26,10 @@ import logging
 from typing import List, Optional, Sequence
 
 import torch
+import torch.fx as fx
 
 from ..errors import DataError, NumericalError
+from ..passes._labels import find_linears
 
 logger = logging.getLogger(__name__)
 
@@ -213,3 +215,34 @@ def _unit_diagonal(c: torch.Tensor) -> torch.Tensor:
     """``D^-1/2 C D^-1/2`` (a congruence, so definiteness is kept)."""
     inv = c.diagonal().rsqrt()
     return c * inv.unsqueeze(1) * inv.unsqueeze(0)
+
+
+def structure_features(gm: fx.GraphModule, smap, images: torch.Tensor, layout) -> List[torch.Tensor]:
+    """Per-image features of every searched structure, in candidate-vector order: each FFN's
+    hidden activations and each head's output, mean-pooled over tokens."""
+    linears = {li.module: li for li in find_linears(gm).values()}
+    want = {}
+    for b in smap.blocks:
+        if b.mlp is not None and b.mlp.prunable and b.mlp.out_proj in linears:
+            want[("ffn", b.index)] = linears[b.mlp.out_proj].input
+        if b.attention is not None and b.attention.out_proj in linears:
+            want[("heads", b.index)] = linears[b.attention.out_proj].input
+    got = {}
+
+    class Grab(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            for key, node in want.items():
+                if node is n:
+                    got[key] = out.detach().float().reshape(out.shape[0], -1, out.shape[-1]).mean(1)
+            return out
+
+    with torch.no_grad():
+        Grab(gm).run(images)
+    feats = [got[("ffn", b)] for b in layout.ffn_blocks]
+    for b, h in layout.head_blocks:
+        x = got.get(("heads", b))
+        cols = smap.block(b).attention.out_columns()
+        for i in range(h):
+            feats.append(torch.zeros(len(images), 1) if x is None else x[:, cols[i]])
+    return feats

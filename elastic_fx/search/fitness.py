@@ -23,6 +23,14 @@ embedding centroid. Two consequences, both wanted:
   A pruned model that collapses every image onto the dense mean scores 0.
 
 Whitening is not applied, so each principal direction weighs in with its own variance.
+
+How many components (``dim="auto"``, the search's default): a PCA fitted on the dense
+embeddings need not contain the *error* pruning causes; a cosine measured inside a subspace
+that misses half of that error lets a search push damage where it is not measured.
+:func:`error_share` measures the share of the pruned-minus-dense error energy inside the
+first ``k`` components, and :func:`choose_dim` takes the fewest components that hold a
+target share (95 %) at every search sparsity, or the full embedding space (``dim=None``: no
+projection, cosine of the centred embeddings) when no PCA of these images reaches it.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ DEFAULT_PCA_DIM = 192
 
 #: Norms below this count as zero vectors (their cosine is 0, not NaN).
 _EPS = 1e-12
+#: ``dim="auto"``: the share of the pruning error the PCA subspace must hold.
+DEFAULT_ERROR_SHARE = 0.95
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,13 +107,16 @@ class PCACosineFitness:
     it is exactly 1 when the pruned embeddings equal the dense ones.
     """
 
-    def __init__(self, dense: torch.Tensor, dim: int = DEFAULT_PCA_DIM) -> None:
+    def __init__(self, dense: torch.Tensor, dim: Optional[int] = DEFAULT_PCA_DIM) -> None:
         dense = self._check_dense(dense)
         n, d = dense.shape
-        if dim < 1:
+        if dim is None:  # the full embedding space: centred, not projected
+            dim = d
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise DataError(f"PCA dim={dim}; expected a positive number of components (e.g. 192).")
-        effective = min(dim, n - 1, d)
-        if effective < dim:
+        full = dim >= d
+        effective = d if full else min(dim, n - 1, d)
+        if effective < dim and not full:
             logger.warning(
                 "PCA fitness: asked for %d components but %d embeddings of width %d support "
                 "at most %d; using %d. Use more fitness images (the paper uses 1000) to keep %d.",
@@ -116,12 +129,15 @@ class PCACosineFitness:
         # eigendecomposition, and better conditioned than forming the covariance).
         _, svals, vh = torch.linalg.svd(centred, full_matrices=False)
         self.dim = int(effective)
-        self.components = vh[: self.dim].T.contiguous()
+        self.full_space = bool(full)
+        # The full space needs no basis: the identity keeps every direction, including
+        # those the dense images do not span (where pruning error may lie).
+        self.components = torch.eye(d, dtype=torch.float64) if full else vh[: self.dim].T.contiguous()
         variance = svals**2
         total = float(variance.sum())
         if total == 0:
             logger.warning("PCA fitness: all %d dense embeddings are identical; every cosine will be 0.", n)
-        self.explained_variance_ratio = variance[: self.dim] / max(total, _EPS)
+        self.explained_variance_ratio = variance[: min(self.dim, variance.numel())] / max(total, _EPS)
         self.num_images = int(n)
         self.width = int(d)
         self._cache: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -219,3 +235,37 @@ class PCACosineFitness:
                 "[candidates, sparsities, N, D]."
             )
         return self(pruned).mean(dim=-1)
+
+
+def error_share(dense: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Share of the pruning error inside the first ``k`` dense principal components, per ``k``.
+
+    ``dense`` ``[N, D]``, ``pruned`` ``[S, N, D]`` (one slice per sparsity). Returns
+    ``[S, K]`` with ``K = min(N - 1, D)``: entry ``[s, k - 1]`` is
+    ``||(pruned_s - dense) V_k||^2 / ||pruned_s - dense||^2``.
+    """
+    x = dense.detach().to(torch.float64)
+    _, _, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    k = min(x.shape[0] - 1, x.shape[1])
+    err = pruned.detach().to(torch.float64) - x  # [S, N, D]
+    energy = (err @ vh[:k].T).pow(2).sum(dim=1)  # [S, K]: error energy along each component
+    total = err.pow(2).sum(dim=(1, 2)).clamp_min(_EPS)
+    return energy.cumsum(dim=-1) / total[:, None]
+
+
+def choose_dim(dense: torch.Tensor, pruned: torch.Tensor, share: float = DEFAULT_ERROR_SHARE,
+               ) -> Tuple[Optional[int], float]:
+    """Fewest PCA components holding ``share`` of the pruning error at every sparsity.
+
+    Returns ``(dim, held)``: ``dim`` is None (the full embedding space) when even every
+    component the images support holds less than ``share``; ``held`` is the smallest share
+    (over sparsities) inside the chosen subspace (1.0 for the full space).
+    """
+    if not 0.0 < share <= 1.0:
+        raise DataError(f"error share {share!r} must be in (0, 1], e.g. 0.95")
+    curve = error_share(dense, pruned).min(dim=0).values  # [K], worst sparsity
+    ok = torch.nonzero(curve >= share - 1e-12)
+    if ok.numel() == 0:
+        return None, 1.0
+    k = int(ok[0, 0]) + 1
+    return k, float(curve[k - 1])
