@@ -41,3 +41,7 @@ class NumericalError(ElasticFxError):
 
 class ExportError(ElasticFxError):
     """An export failed its checks; no output file was left behind."""
+
+
+class ConfigError(ElasticFxError):
+    """An option has a value outside what it accepts (a batch size, a temperature ...)."""
