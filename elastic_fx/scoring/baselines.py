@@ -1,6 +1,9 @@
 """Baseline importance scores, in the same per-structure format as the local scores.
 
-Every function returns a :class:`~elastic_fx.scoring.local.LocalScores` whose
+Each function takes a model (an ``nn.Module`` or a traced GraphModule, with an optional
+StructureMap); :func:`snip_scores` also takes images and runs one gradient pass
+(:mod:`.gradients`), leaving the model as it found it. Nothing is written. Every
+function returns a :class:`~elastic_fx.scoring.local.LocalScores` whose
 ``head_scores[b]`` / ``neuron_scores[b]`` are SUMS over the parameter entries each head /
 neuron owns (the same :class:`~elastic_fx.structures.ParamSlice` entries the squared
 gradients are summed over; buffers excluded), so that ``head_means`` / ``neuron_means``
@@ -32,54 +35,23 @@ global search (``local_scores(..., method="fisher")`` is an alias of ``"dino"``)
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..data import PreprocessConfig
 from ..structures import StructureMap
+from ._groups import ScoredGroup, scored_groups, scored_parameters, sum_per_structure
+from ._resolve import resolve_model
 from .dino import DinoConfig, LossFn
-from .local import (
-    LocalScores,
-    PassConfig,
-    ScoredGroup,
-    batch_gradients,
-    build_objective,
-    describe_batch,
-    check_finite_grads,
-    new_scores,
-    resolve_model,
-    run_batches,
-    scored_groups,
-    scored_parameters,
-    target_device,
-)
+from .gradients import PassConfig, batch_gradients, check_finite_grads, describe_batch, run_batches, target_device
+from .local import LocalScores, new_scores  # becomes: from ..scores import LocalScores, new_scores
+from .objective import build_objective
 
 log = logging.getLogger(__name__)
 
 __all__ = ["lamp_scores", "magnitude_scores", "random_scores", "snip_scores", "sum_per_structure"]
-
-Scores = Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]
-
-
-def sum_per_structure(values: Mapping[str, torch.Tensor], groups: Sequence[ScoredGroup]) -> Scores:
-    """For every group: ``out[s] = Σ values[name][e]`` over the entries ``e`` structure ``s`` owns.
-
-    ``values`` maps parameter names to tensors of the parameter's shape (per-entry scores);
-    sums run in float64 and are returned as fp32 ``(heads, neurons)`` dicts by block.
-    """
-    heads: Dict[int, torch.Tensor] = {}
-    neurons: Dict[int, torch.Tensor] = {}
-    for g in groups:
-        out = torch.zeros(g.size, dtype=torch.float64)
-        for s in g.slices:
-            v = values[s.name].detach().to("cpu", torch.float64)
-            others = [d for d in range(v.dim()) if d != s.dim]
-            per_position = v.sum(dim=others) if others else v
-            out += per_position[s.index].sum(dim=1)
-        (heads if g.kind == "heads" else neurons)[g.block] = out.float()
-    return heads, neurons
 
 
 def _data_free(model: nn.Module, structures: Optional[StructureMap], example_inputs: Any

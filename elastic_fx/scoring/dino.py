@@ -16,6 +16,11 @@ With the defaults ``teacher_temp = student_temp = 1.0`` this is the reference's 
 (no temperature, no centering, no projection head). Because the embeddings are unit
 vectors, the logits lie in [-1, 1] and the distributions are close to uniform; lower
 temperatures sharpen them (DINO itself uses 0.04 / 0.1 with a projection head).
+
+Takes images (uint8 ``[B, 3, H, W]``, PIL images, or already-normalised floats) and an
+embedding function or model; returns crops (:class:`MultiCropSampler`) and a scalar loss
+(:func:`dino_loss`, :class:`DinoLoss`, :func:`ce_loss`). :class:`DinoLoss` puts the model
+in eval mode for one call and restores its mode; nothing else is touched.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data import PreprocessConfig, normalize, resize
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
 #: Any loss the gradient pass accepts: ``loss_fn(model, batch) -> scalar``.
@@ -46,6 +51,9 @@ class DinoConfig:
 
     Defaults reproduce the reference: 2 global crops at area scale 0.25-1.0, 10 local
     crops at 0.05-0.25, and no temperature (both 1.0).
+
+    Raises:
+        ConfigError: a view count, a scale range or a temperature is out of range.
     """
 
     n_global: int = 2
@@ -57,15 +65,15 @@ class DinoConfig:
 
     def __post_init__(self) -> None:
         if self.n_global < 1 or self.n_local < 0:
-            raise DataError(f"need n_global >= 1 and n_local >= 0, got {self.n_global} and {self.n_local}.")
+            raise ConfigError(f"need n_global >= 1 and n_local >= 0, got {self.n_global} and {self.n_local}.")
         if self.n_global + self.n_local < 2:
-            raise DataError("need at least 2 views in total (a teacher view and another student view).")
+            raise ConfigError("need at least 2 views in total (a teacher view and another student view).")
         for name in ("global_scale", "local_scale"):
             lo, hi = getattr(self, name)
             if not 0.0 < lo <= hi <= 1.0:
-                raise DataError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}.")
+                raise ConfigError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}.")
         if self.teacher_temp <= 0 or self.student_temp <= 0:
-            raise DataError(
+            raise ConfigError(
                 f"temperatures must be positive, got teacher {self.teacher_temp}, student {self.student_temp}."
             )
 

@@ -6,6 +6,13 @@
     ls.neuron_scores[b]   # fp32 [hidden_features]
     ls.save("vit.scores.safetensors"); ls = efx.LocalScores.load("vit.scores.safetensors", smap)
 
+:func:`local_scores` takes a model (an ``nn.Module`` or a traced GraphModule) and images,
+and returns a :class:`LocalScores`. It only chooses the method and calls the pieces:
+:mod:`._resolve` (trace + discover, preprocessing), :mod:`.objective` (the loss and the
+data), :mod:`.gradients` (the gradient pass) or :mod:`.baselines` (magnitude, LAMP, SNIP,
+random). The model is left as it was found (see :mod:`.gradients` for what the pass
+changes temporarily); a raw module is traced, which writes the trace into a new GraphModule.
+
 What a score is
 ---------------
 A structure owns entries of several parameters (:class:`~elastic_fx.structures.ParamSlice`):
@@ -19,29 +26,14 @@ loss curvature (paper, eq. "H_local"):
   that batch's (mean) loss, squared, summed over the structure's entries and over batches.
   With a ``loss_fn`` this is exactly ``sum_b sum_{e in s} (d loss_fn(model, batch_b) / d theta_e)^2``.
 * ``mode="per-sample"``: the true empirical Fisher, ``sum_i sum_{e in s} (d l_i / d theta_e)^2``
-  with ``l_i`` image ``i``'s own loss term. Computed by the ghost-norm kernel
-  (:func:`elastic_fx.kernels.sqgrad.ghost_sqnorm`, per-sample norms without per-sample
-  gradients) when every scored parameter is the weight or bias of an ``nn.Linear`` called
-  once as a module in the graph and the loss is known to be a mean of per-image terms (the
-  built-in ``"dino"`` and ``"ce"`` losses); otherwise by micro-batches of one image (exact,
-  slower). Graphs captured by ``torch.export`` (Hugging Face models) inline their linear
-  layers as ``aten.linear`` on ``get_attr`` weights, which module hooks cannot see, and
-  ``nn.MultiheadAttention`` keeps its in-projection inside the module: both use micro-batches.
+  with ``l_i`` image ``i``'s own loss term (ghost norms where they apply, else
+  micro-batches of one image; see :mod:`.gradients`). Ghost norms need a loss known to be
+  a mean of per-image terms: the built-in ``"dino"`` and ``"ce"`` losses.
 
 Scores are stored as RAW SUMS (``head_scores`` / ``neuron_scores``, the contract above).
 The paper ranks structures by the *mean* over their parameters; ``head_means`` /
 ``neuron_means`` (or :meth:`LocalScores.normalized`) divide by the parameter count of one
 head / neuron, which is what the budget ranks.
-
-The gradient pass
------------------
-Only parameters named by a prunable structure get ``requires_grad`` (all flags are restored
-afterwards); each batch runs forward, ``torch.autograd.grad`` and one batched call of the
-fused squared-gradient kernel (:func:`~elastic_fx.kernels.sqgrad.sqgrad_accumulate_many`)
-for every structure of the model. Gradients are never stored beyond one batch and
-``.grad`` attributes are never touched. Every batch is checked (one device sync): a NaN or
-inf in the loss or a gradient raises :class:`~elastic_fx.errors.NumericalError` naming the
-batch, its images and the parameter, before anything reaches the totals.
 
 The default loss is DINO multi-crop self-distillation (:mod:`elastic_fx.scoring.dino`) on
 the model's pooled embedding (:func:`elastic_fx.embedding.embedding_module`), with crops
@@ -55,22 +47,27 @@ import json
 import logging
 import os
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..data import PREPROCESS_META, PreprocessConfig, TensorSource, as_source, load_tensor, raw_images
-from ..distributed import SAME_IMAGES_HINT, SAME_WEIGHTS_HINT, DistContext, checksums, current
-from ..errors import DataError, NumericalError, ScoresError
-from ..kernels.sqgrad import SqgradJob, ghost_sqnorm, sqgrad_accumulate_many
-from ..structures import ParamSlice, StructureMap
-from ..tracing import EXAMPLE_INPUTS_META, trace
-from .dino import DinoConfig, DinoLoss, LossFn, MultiCropSampler, ce_loss
+from ..data import PreprocessConfig
+from ..distributed import SAME_IMAGES_HINT, SAME_WEIGHTS_HINT, checksums, current
+from ..errors import ConfigError, ScoresError
+from ..structures import StructureMap
+from ..tracing import EXAMPLE_INPUTS_META
+from ._resolve import example_inputs_from, resolve_model
+from .dino import DinoConfig, LossFn
+from .gradients import PassConfig, device_of, fisher_pass
+from .objective import Images, build_objective
+
+# Old import paths of names that moved to ._groups / .gradients (shims; nothing here uses them).
+from ._groups import ScoredGroup, scored_groups, scored_parameters  # noqa: F401
+from .gradients import MODES, batch_gradients, run_batches  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +93,11 @@ __all__ = [
 #: (the DINO local scores used without the global search).
 METHODS = ("dino", "ce", "magnitude", "lamp", "snip", "random")
 METHOD_ALIASES = {"fisher": "dino"}
-MODES = ("per-batch", "per-sample")
-PER_SAMPLE_METHODS = ("auto", "ghost", "loop")
+BASELINES = ("magnitude", "lamp", "random", "snip")
 
 #: Metadata key of a score file and the format version written.
 SCORES_FORMAT = "elastic_fx"
 SCORES_VERSION = 1
-
-Images = Union[str, os.PathLike, torch.Tensor, Sequence[Any], None]
 
 
 # ============================================================================ LocalScores
@@ -367,675 +361,6 @@ def new_scores(smap: StructureMap, heads: Mapping[int, torch.Tensor], neurons: M
     )
 
 
-# ============================================================================ structures
-@dataclass
-class ScoredGroup:
-    """One scored group: the heads of one attention or the neurons of one FFN."""
-
-    block: int
-    kind: str  # "heads" | "neurons"
-    size: int
-    slices: Tuple[ParamSlice, ...]  # parameter slices only (buffers get no gradient)
-
-
-def scored_groups(smap: StructureMap) -> List[ScoredGroup]:
-    """Every prunable group of ``smap`` with the parameter (not buffer) slices it owns."""
-    out = []
-    for b in smap.blocks:
-        for kind, g in b.groups():
-            out.append(ScoredGroup(b.index, kind, g.size, tuple(s for s in g.slices if not s.buffer)))
-    return out
-
-
-def scored_parameters(gm: nn.Module, groups: Sequence[ScoredGroup]) -> Dict[str, nn.Parameter]:
-    """The parameters named by the groups' slices, in first-use order."""
-    params: Dict[str, nn.Parameter] = {}
-    for g in groups:
-        for s in g.slices:
-            if s.name not in params:
-                try:
-                    params[s.name] = gm.get_parameter(s.name)
-                except AttributeError:
-                    raise ScoresError(
-                        f"the structure map names parameter {s.name!r}, which this model does not have; "
-                        "run efx.discover(gm) on this very GraphModule"
-                    ) from None
-    return params
-
-
-class _Buffers:
-    """Flat fp32 accumulators, one view per group, for the totals and one batch.
-
-    ``record=True`` (a distributed pass) keeps every batch's buffer instead of adding it
-    to the total, so that the ranks can add them later in global batch order.
-    """
-
-    def __init__(self, groups: Sequence[ScoredGroup], device: torch.device, record: bool = False) -> None:
-        sizes = [g.size for g in groups]
-        self.total = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-        self.batch = torch.zeros_like(self.total)
-        self.steps: Optional[List[torch.Tensor]] = [] if record else None
-        offsets = [0]
-        for s in sizes:
-            offsets.append(offsets[-1] + s)
-        self.spans = list(zip(offsets[:-1], offsets[1:]))
-        self.batch_views = [self.batch[a:b] for a, b in self.spans]
-        # index tensors on the device, kept alive so the kernel's schedule cache stays valid
-        self.index = {id(s): s.index.to(device) for g in groups for s in g.slices}
-
-    def commit(self) -> None:
-        """The checked batch buffer joins the totals (or the record of batches)."""
-        if self.steps is None:
-            self.total += self.batch
-        else:
-            self.steps.append(self.batch.clone())
-
-    def split(self, flat: torch.Tensor, groups: Sequence[ScoredGroup]) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
-        heads, neurons = {}, {}
-        for g, (a, b) in zip(groups, self.spans):
-            (heads if g.kind == "heads" else neurons)[g.block] = flat[a:b].clone()
-        return heads, neurons
-
-
-# ============================================================================ set-up
-@dataclass
-class PassConfig:
-    """Settings of one gradient pass (see :func:`local_scores` for their meaning)."""
-
-    batch_size: int = 16
-    mode: str = "per-batch"
-    seed: int = 0
-    num_images: int = 1000
-    device: Optional[torch.device] = None
-    progress: bool = True
-    amp_dtype: Optional[torch.dtype] = None
-    backend: str = "auto"
-    per_sample: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ScoresError(f"batch_size must be a positive integer, got {self.batch_size!r}.")
-        if not isinstance(self.num_images, int) or self.num_images < 1:
-            raise ScoresError(f"num_images must be a positive integer, got {self.num_images!r}.")
-        if self.mode not in MODES:
-            raise ScoresError(f"mode must be one of {MODES}, got {self.mode!r}.")
-        if self.per_sample not in PER_SAMPLE_METHODS:
-            raise ScoresError(f"per_sample must be one of {PER_SAMPLE_METHODS}, got {self.per_sample!r}.")
-        if self.backend not in ("auto", "triton", "torch"):
-            raise ScoresError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}.")
-        if self.amp_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise ScoresError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {self.amp_dtype!r}.")
-
-
-def resolve_model(model: nn.Module, example_inputs: Any = None,
-                  structures: Optional[StructureMap] = None) -> Tuple[fx.GraphModule, StructureMap]:
-    """``model`` as a traced GraphModule with its StructureMap (tracing / discovering if needed)."""
-    from ..passes.discover import STRUCTURE_META, discover
-
-    if not isinstance(model, nn.Module):
-        raise ScoresError(f"model must be a torch.nn.Module or a traced GraphModule, got {type(model).__name__}.")
-    gm = model if isinstance(model, fx.GraphModule) and EXAMPLE_INPUTS_META in model.meta else trace(model, example_inputs)
-    smap = structures if structures is not None else gm.meta.get(STRUCTURE_META) or discover(gm)
-    return gm, smap
-
-
-def _preprocessing(gm: fx.GraphModule, source: Any, explicit: Optional[PreprocessConfig]) -> PreprocessConfig:
-    """The model's preprocessing; neutral statistics when images come preprocessed."""
-    if explicit is not None:
-        return explicit
-    stored = gm.meta.get(PREPROCESS_META)
-    if stored is not None:
-        return stored if isinstance(stored, PreprocessConfig) else PreprocessConfig.from_dict(stored)
-    if getattr(source, "preprocessed", False):
-        ex = gm.meta.get(EXAMPLE_INPUTS_META) or ()
-        size = tuple(ex[0].shape[-2:]) if ex and isinstance(ex[0], torch.Tensor) and ex[0].dim() == 4 \
-            else tuple(source.images.shape[-2:])
-        # crops of normalised images are not normalised again: the statistics are unused
-        return PreprocessConfig(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    raise DataError(
-        "cannot tell how this model expects its images (no timm / Hugging Face / torchvision preprocessing "
-        "config was found). Pass preprocess=efx.data.preprocess_config(model, input_size=..., mean=..., std=...), "
-        "or give images as a float tensor [N, 3, H, W] that is already preprocessed."
-    )
-
-
-@dataclass
-class _Objective:
-    """``fn(model, batch) -> loss``, what it is called, and how batch rows map to images.
-
-    ``views`` is set when the loss is a mean over images of per-image terms and the
-    module ``module`` receives ``views * B`` rows laid out view-major (row ``v * B + b``
-    belongs to image ``b``); the ghost-norm path needs it. ``None``: unknown layout.
-    """
-
-    fn: LossFn
-    name: str
-    method: str
-    module: Optional[nn.Module] = None
-    views: Optional[int] = None
-    extra: dict = field(default_factory=dict)
-    #: ``skip(n)`` advances the loss's random state exactly as one call on ``n`` images
-    #: would, without computing anything (a rank skipping the batches before its shard).
-    skip: Optional[Callable[[int], None]] = None
-
-
-def _batches(data: Any, batch_size: int) -> Iterator[Tuple[int, int, Any, int]]:
-    """``(batch index, first image, batch, images in it)`` over a tensor, a list or (images, labels)."""
-    if isinstance(data, tuple):
-        x, y = data
-        for bi, start in enumerate(range(0, len(x), batch_size)):
-            xb = x[start:start + batch_size]
-            yield bi, start, (xb, y[start:start + batch_size]), len(xb)
-        return
-    for bi, start in enumerate(range(0, len(data), batch_size)):
-        b = data[start:start + batch_size]
-        yield bi, start, b, len(b)
-
-
-def _take(batch: Any, j: int) -> Any:
-    """Image ``j`` of a batch, as a batch of one."""
-    if isinstance(batch, tuple):
-        return tuple(_take(t, j) for t in batch)
-    if isinstance(batch, torch.Tensor):
-        return batch[j:j + 1]
-    return [batch[j]]
-
-
-def _labelled(images: Any, labels: Any, cfg: PreprocessConfig, num_images: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Preprocessed images and their labels, subsampled together."""
-    source = as_source(images)
-    if not isinstance(source, TensorSource):
-        raise DataError(
-            "labels need images given as a tensor [N, 3, H, W] in the same order (a folder has no defined "
-            "label order); load them first, e.g. efx.data.load_tensor(folder, cfg)."
-        )
-    y = torch.as_tensor(labels)
-    if y.dim() != 1 or y.shape[0] != len(source):
-        raise DataError(f"labels must be a 1-d tensor with one entry per image ({len(source)}), got {tuple(y.shape)}.")
-    idx = torch.arange(len(source))
-    if num_images < len(source):
-        gen = torch.Generator().manual_seed(int(seed))
-        idx = torch.randperm(len(source), generator=gen)[:num_images].sort().values
-    x = load_tensor(source.images[idx], cfg)
-    return x, y[idx]
-
-
-def build_objective(gm: fx.GraphModule, smap: StructureMap, method: str, loss_fn: Optional[LossFn], images: Images,
-                    cfg: PassConfig, *, dino: Optional[DinoConfig] = None, labels: Any = None,
-                    preprocess: Optional[PreprocessConfig] = None) -> Tuple[_Objective, Any, int]:
-    """The loss to differentiate, the data it runs on, and the number of images.
-
-    * a ``loss_fn`` gets preprocessed float batches ``[B, 3, H, W]`` (``(images, labels)``
-      tuples when ``labels`` are given) and the traced GraphModule;
-    * ``"ce"`` needs ``labels`` and a model that outputs logits;
-    * ``"dino"`` (and ``"snip"``) take multi-crops of the decoded images (or of an
-      already-preprocessed float tensor) and run the pooled-embedding module.
-    """
-    source = as_source(images, n_synthetic=cfg.num_images, synthetic_seed=cfg.seed)
-    pre = _preprocessing(gm, source, preprocess)
-    if loss_fn is not None:
-        if labels is not None:
-            data: Any = _labelled(source, labels, pre, cfg.num_images, cfg.seed)
-        else:
-            data = load_tensor(source, pre, cfg.num_images, seed=cfg.seed)
-        name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
-
-        def custom(model: nn.Module, batch: Any) -> torch.Tensor:
-            return loss_fn(model, _to_device(batch, _device_of(model)))
-
-        return _Objective(custom, name, "custom"), data, len(data[0] if isinstance(data, tuple) else data)
-    if method == "ce":
-        if labels is None:
-            raise ScoresError("method='ce' needs labels=<int tensor [N]>; use method='dino' for label-free scores.")
-        data = _labelled(source, labels, pre, cfg.num_images, cfg.seed)
-
-        def ce(model: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            x, y = batch
-            dev = _device_of(model)
-            return ce_loss(lambda t: _logits(model(t)), x.to(dev), y.to(dev))
-
-        return _Objective(ce, "cross-entropy", "ce", module=gm, views=1), data, len(data[0])
-    from ..embedding import embedding_module
-
-    dcfg = dino if dino is not None else DinoConfig()
-    emb = embedding_module(gm, smap)
-    emb.eval()  # DinoLoss restores the mode it finds: keep it eval
-    sampler = MultiCropSampler(pre, dcfg, seed=cfg.seed)
-    dino_fn = DinoLoss(sampler)
-
-    def dino_objective(model: nn.Module, batch: Any) -> torch.Tensor:
-        return dino_fn(emb, batch)  # emb shares model's parameters
-
-    data = raw_images(source, cfg.num_images, seed=cfg.seed)
-    extra = {"dino": asdict(dcfg), "preprocess": pre.to_dict()}
-    return _Objective(dino_objective, "dino", "dino", module=emb, views=dcfg.n_views, extra=extra,
-                      skip=lambda n: _skip_crops(sampler, n)), data, len(data)
-
-
-def _skip_crops(sampler: MultiCropSampler, n: int) -> None:
-    """Advance the crop generator as ``sampler(<n images>)`` does, without cropping.
-
-    The boxes' random draws depend on the number of images and views only, never on the
-    image sizes, so drawing boxes for ``n`` dummy images consumes exactly the same numbers.
-    """
-    sizes = [(1, 1)] * n
-    d = sampler.dino
-    sampler.boxes(sizes, d.global_scale, d.n_global)
-    if d.n_local:
-        sampler.boxes(sizes, d.local_scale, d.n_local)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, tuple):
-        return tuple(_to_device(b, device) for b in batch)
-    return batch
-
-
-def _example_from(images: Any, preprocess: Optional[PreprocessConfig]) -> Any:
-    """Example inputs for tracing a raw module: two of the given preprocessed images, if any."""
-    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
-        return (images[:2].float(),)
-    if preprocess is not None:
-        return (torch.randn(2, 3, *preprocess.input_size, generator=torch.Generator().manual_seed(0)),)
-    return None
-
-
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits",):
-        v = getattr(out, key, None) if not isinstance(out, dict) else out.get(key)
-        if isinstance(v, torch.Tensor):
-            return v
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ScoresError(f"method='ce' needs a model that returns logits [B, classes]; it returned {type(out).__name__}.")
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-# ============================================================================ the pass
-@contextlib.contextmanager
-def _scoring_state(gm: nn.Module, params: Mapping[str, nn.Parameter], device: Optional[torch.device]):
-    """Gradients only for ``params``, eval mode, optional device move; everything restored after."""
-    flags = {p: p.requires_grad for p in gm.parameters()}
-    modes = {m: m.training for m in gm.modules()}
-    home = _device_of(gm)
-    moved = device is not None and torch.device(device) != home
-    try:
-        if moved:
-            gm.to(device)
-        for p in flags:
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        for m in modes:  # attribute, not .eval(): torch.export modules refuse eval()
-            m.training = False
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        for m, t in modes.items():
-            m.training = t
-        if moved:
-            gm.to(home)
-
-
-def _amp(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _jobs(groups: Sequence[ScoredGroup], bufs: _Buffers, grads: Mapping[str, torch.Tensor]) -> List[SqgradJob]:
-    jobs = []
-    for g, out in zip(groups, bufs.batch_views):
-        for s in g.slices:
-            gr = grads.get(s.name)
-            if gr is not None:
-                jobs.append(SqgradJob(gr, s.dim, bufs.index[id(s)], out))
-    return jobs
-
-
-def describe_batch(bi: int, start: int, n: int) -> str:
-    return f"batch {bi} (image {start})" if n == 1 else f"batch {bi} (images {start}-{start + n - 1})"
-
-
-def _raise_nonfinite(what: str, loss: torch.Tensor, grads: Mapping[str, Optional[torch.Tensor]],
-                     amp_dtype: Optional[torch.dtype]) -> None:
-    """Name the first non-finite thing: the loss, a gradient, or a squared gradient that overflowed."""
-    hint = ("no score was changed. Check the images for NaN/inf, run in float32 (amp_dtype=None)"
-            if amp_dtype not in (None, torch.float32) else
-            "no score was changed. Check the images and the model's weights for NaN/inf")
-    if not torch.isfinite(loss.detach()).all():
-        raise NumericalError(f"the loss of {what} is {loss.detach().float().item()}; {hint}.")
-    for name, g in grads.items():
-        if g is not None and not torch.isfinite(g).all():
-            kind = "NaN" if torch.isnan(g).any() else "inf"
-            raise NumericalError(f"the gradient of {what} holds {kind} in parameter {name!r}; {hint}.")
-    raise NumericalError(
-        f"the squared gradients of {what} overflow float32 (a gradient above 1e19 in magnitude); {hint}."
-    )
-
-
-def _grads(loss: torch.Tensor, names: Sequence[str], params: Sequence[nn.Parameter], what: str) -> Dict[str, torch.Tensor]:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ScoresError(f"the loss of {what} must be a scalar tensor, got {type(loss).__name__} "
-                          f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}.")
-    if not loss.requires_grad:
-        raise ScoresError(
-            f"the loss of {what} does not depend on the model's head / neuron parameters (it has no gradient); "
-            "a loss_fn must compute the loss from model(batch) without detaching it."
-        )
-    got = torch.autograd.grad(loss, list(params), allow_unused=True)
-    return {n: g for n, g in zip(names, got) if g is not None}
-
-
-def _check_batch(loss: torch.Tensor, buf: torch.Tensor, grads: Mapping[str, torch.Tensor], what: str,
-                 amp_dtype: Optional[torch.dtype]) -> float:
-    """One sync: the loss value, after checking that loss and squared gradients are finite."""
-    lv = loss.detach().float().reshape(())
-    ok = torch.isfinite(lv) & torch.isfinite(buf).all()
-    if not bool(ok):
-        _raise_nonfinite(what, loss, grads, amp_dtype)
-    return float(lv)
-
-
-def check_finite_grads(loss: torch.Tensor, grads: Mapping[str, torch.Tensor], what: str,
-                        amp_dtype: Optional[torch.dtype]) -> float:
-    """Like :func:`_check_batch`, for raw gradients (one sync)."""
-    lv = loss.detach().float().reshape(())
-    flags = [torch.isfinite(lv)] + [torch.isfinite(g).all() for g in grads.values()]
-    if not bool(torch.stack(flags).all()):
-        _raise_nonfinite(what, loss, grads, amp_dtype)
-    return float(lv)
-
-
-def target_device(gm: nn.Module, cfg: PassConfig) -> torch.device:
-    """Where the pass runs: ``cfg.device``, else where the model's parameters are."""
-    return cfg.device if cfg.device is not None else _device_of(gm)
-
-
-def batch_gradients(gm: nn.Module, objective: _Objective, batch: Any, params: Mapping[str, nn.Parameter],
-                    what: str, cfg: PassConfig, device: torch.device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Forward (under autocast if asked) and ``torch.autograd.grad``: ``(loss, {name: grad})``."""
-    with _amp(device, cfg.amp_dtype):
-        loss = objective.fn(gm, batch)
-    return loss, _grads(loss, list(params), list(params.values()), what)
-
-
-def run_batches(gm: nn.Module, params: Mapping[str, nn.Parameter], objective: _Objective, data: Any,
-                n_images: int, cfg: PassConfig, step: Callable[[int, int, Any, int], float], *,
-                shard: Optional[Tuple[int, int]] = None, skip: Optional[Callable[[int], None]] = None) -> dict:
-    """Call ``step(batch_index, first_image, batch, n)`` on every batch, in the scoring state.
-
-    Gradients only for ``params``, eval mode, the model on ``cfg.device`` (all restored
-    afterwards, also on errors); a progress bar in images/s. ``step`` returns the batch's
-    loss. Returns timing statistics.
-
-    ``shard=(first, stop)`` runs only batches ``first <= index < stop`` (indices and image
-    numbers stay global); ``skip(n)`` is called for each batch of ``n`` images before the
-    shard (to advance random state). ``n_images`` is then the number of images in the shard.
-    """
-    losses: List[float] = []
-    first, stop = shard if shard is not None else (0, None)
-    with _scoring_state(gm, params, cfg.device):
-        device = _device_of(gm)
-        bar = _progress(n_images, cfg.progress, objective.name)
-        t0 = time.perf_counter()
-        try:
-            for bi, start, batch, n in _batches(data, cfg.batch_size):
-                if stop is not None and bi >= stop:
-                    break
-                if bi < first:
-                    if skip is not None:
-                        skip(n)
-                    continue
-                losses.append(step(bi, start, batch, n))
-                bar.update(n)
-                bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
-        finally:
-            bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-    return {
-        "seconds": round(seconds, 3), "images_per_s": round(n_images / max(seconds, 1e-9), 2),
-        "mean_loss": float(sum(losses) / max(len(losses), 1)), "device": str(device),
-    }
-
-
-def fisher_pass(gm: fx.GraphModule, smap: StructureMap, objective: _Objective, data: Any, n_images: int,
-                cfg: PassConfig, *, dist: Optional[DistContext] = None
-                ) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor], dict]:
-    """Σ g² per structure over the data (see the module docstring). Returns (heads, neurons, stats).
-
-    With a distributed ``dist`` context, rank ``r`` runs a contiguous block of whole
-    batches (:meth:`DistContext.span`), keeps each batch's buffer, and the buffers are
-    added in global batch order (:meth:`DistContext.ordered_sum`): every rank returns
-    exactly the scores one process computes on the same images.
-    """
-    ctx = dist if dist is not None else current(False)
-    groups = scored_groups(smap)
-    params = scored_parameters(gm, groups)
-    device = target_device(gm, cfg)
-    bufs = _Buffers(groups, device, record=ctx.enabled)
-    ghost = _GhostPlan.build(gm, objective, groups, params, cfg.per_sample) if cfg.mode == "per-sample" else None
-    losses: List[float] = []
-
-    def step(bi: int, start: int, batch: Any, n: int) -> float:
-        if cfg.mode == "per-batch":
-            value = _fisher_step(gm, objective, batch, params, groups, bufs, describe_batch(bi, start, n), cfg,
-                                 device)
-        elif ghost is not None:
-            value = ghost.step(gm, objective, batch, n, params, bufs, describe_batch(bi, start, n), cfg, device)
-        else:
-            per_image = [_fisher_step(gm, objective, _take(batch, j), params, groups, bufs,
-                                      describe_batch(bi, start + j, 1), cfg, device) for j in range(n)]
-            value = sum(per_image) / n
-        losses.append(value)
-        return value
-
-    if not ctx.enabled:
-        stats = run_batches(gm, params, objective, data, n_images, cfg, step)
-    else:
-        stats = ctx.all_or_nothing(lambda: _run_shard(gm, params, objective, data, cfg, step, ghost, ctx),
-                                   "the gradient pass")
-        stats = _merged_stats(ctx, stats, losses, n_images)
-        ctx.ordered_sum(bufs.steps, bufs.total)
-        bufs.steps = None
-    stats["per_sample"] = None if cfg.mode == "per-batch" else ("ghost" if ghost is not None else "loop")
-    heads, neurons = bufs.split(bufs.total, groups)
-    return heads, neurons, stats
-
-
-def _num_items(data: Any) -> int:
-    return len(data[0]) if isinstance(data, tuple) else len(data)
-
-
-def _run_shard(gm: nn.Module, params: Mapping[str, nn.Parameter], objective: _Objective, data: Any,
-               cfg: PassConfig, step: Callable[[int, int, Any, int], float], ghost: Optional["_GhostPlan"],
-               ctx: DistContext) -> dict:
-    """This rank's contiguous block of whole batches; the crop generator skips the batches before it."""
-    total = _num_items(data)
-    first, stop = ctx.span(-(-total // cfg.batch_size))
-    n_mine = max(0, min(stop * cfg.batch_size, total) - first * cfg.batch_size)
-    calls_per_image = cfg.mode == "per-sample" and ghost is None  # the loop calls the loss once per image
-
-    def skip(n: int) -> None:
-        if objective.skip is not None:
-            for size in ([1] * n if calls_per_image else [n]):
-                objective.skip(size)
-
-    mine = replace(cfg, progress=cfg.progress and ctx.is_main)
-    return run_batches(gm, params, objective, data, n_mine, mine, step, shard=(first, stop), skip=skip)
-
-
-def _merged_stats(ctx: DistContext, stats: dict, losses: List[float], n_images: int) -> dict:
-    """Timing and mean loss over all ranks (the mean as one process computes it, in batch order)."""
-    gathered = ctx.all_gather_object((stats["seconds"], losses), "gathering the pass statistics")
-    seconds = max(s for s, _ in gathered)
-    every = [v for _, part in gathered for v in part]
-    return {
-        "seconds": round(seconds, 3), "images_per_s": round(n_images / max(seconds, 1e-9), 2),
-        "mean_loss": float(sum(every) / max(len(every), 1)), "device": stats["device"],
-        "world_size": ctx.world_size,
-    }
-
-
-def _fisher_step(gm: nn.Module, objective: _Objective, batch: Any, params: Mapping[str, nn.Parameter],
-                 groups: Sequence[ScoredGroup], bufs: _Buffers, what: str, cfg: PassConfig,
-                 device: torch.device) -> float:
-    """One forward/backward; adds the squared gradients of ``batch``'s loss to the totals."""
-    loss, grads = batch_gradients(gm, objective, batch, params, what, cfg, device)
-    bufs.batch.zero_()
-    sqgrad_accumulate_many(_jobs(groups, bufs, grads), backend=cfg.backend)
-    value = _check_batch(loss, bufs.batch, grads, what, cfg.amp_dtype)
-    bufs.commit()
-    return value
-
-
-def _progress(total: int, enabled: bool, name: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc=f"scoring ({name})", disable=None if enabled else True,
-                dynamic_ncols=True, leave=False)
-
-
-# ============================================================================ per-sample ghost norms
-@dataclass
-class _GhostLinear:
-    module: nn.Linear
-    name: str  # qualified module name
-    rows: Optional[torch.Tensor] = None  # fp32 [out]: Σ_i ||W_i[j, :]||², this batch
-    cols: Optional[torch.Tensor] = None  # fp32 [in]: Σ_i ||W_i[:, c]||²
-    bias: Optional[torch.Tensor] = None  # fp32 [out]: Σ_i b_i[j]²
-
-
-class _GhostPlan:
-    """Per-sample squared gradients of ``nn.Linear`` parameters via forward/grad hooks."""
-
-    def __init__(self, linears: Dict[str, _GhostLinear], owner: Dict[str, Tuple[str, str]], views: int,
-                 groups: Sequence[ScoredGroup]) -> None:
-        self.linears = linears
-        self.owner = owner  # parameter name -> (linear name, "weight" | "bias")
-        self.views = views  # rows per image the linear layers see (view-major)
-        self.groups = list(groups)
-
-    @classmethod
-    def build(cls, gm: fx.GraphModule, objective: _Objective, groups: Sequence[ScoredGroup],
-              params: Mapping[str, nn.Parameter], choice: str) -> Optional["_GhostPlan"]:
-        """A plan when the ghost path applies; None (micro-batches) otherwise, or raise for choice='ghost'."""
-        if choice == "loop":
-            return None
-        why = cls._why_not(gm, objective, params)
-        if why is not None:
-            if choice == "ghost":
-                raise ScoresError(f"per_sample='ghost' cannot be used here: {why}. Use per_sample='auto' or 'loop'.")
-            log.info("per-sample scores by micro-batches of one image: %s", why)
-            return None
-        linears: Dict[str, _GhostLinear] = {}
-        owner: Dict[str, Tuple[str, str]] = {}
-        for n in gm.graph.nodes:
-            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear):
-                for kind in ("weight", "bias"):
-                    pname = f"{n.target}.{kind}"
-                    if pname in params:
-                        owner[pname] = (n.target, kind)
-                        linears.setdefault(n.target, _GhostLinear(gm.get_submodule(n.target), n.target))
-        return cls(linears, owner, int(objective.views), groups)
-
-    @staticmethod
-    def _why_not(gm: fx.GraphModule, objective: _Objective, params: Mapping[str, nn.Parameter]) -> Optional[str]:
-        if objective.views is None or objective.module is None:
-            return "a custom loss_fn's batch layout is unknown (per-image terms cannot be told apart)"
-        calls: Dict[str, int] = {}
-        linear_params = set()
-        for n in gm.graph.nodes:
-            if n.op == "call_module":
-                calls[n.target] = calls.get(n.target, 0) + 1
-                if isinstance(gm.get_submodule(n.target), nn.Linear):
-                    m = gm.get_submodule(n.target)
-                    linear_params.add(f"{n.target}.weight")
-                    if m.bias is not None:
-                        linear_params.add(f"{n.target}.bias")
-            if n.op == "get_attr" and n.target in params:
-                return f"parameter {n.target!r} is used directly in the graph (not through an nn.Linear module)"
-        for name in params:
-            if name not in linear_params:
-                return f"parameter {name!r} does not belong to an nn.Linear module called in the graph"
-            mod = name.rsplit(".", 1)[0]
-            if calls.get(mod, 0) != 1:
-                return f"linear layer {mod!r} is called {calls.get(mod, 0)} times"
-        return None
-
-    def step(self, gm: nn.Module, objective: _Objective, batch: Any, n: int, params: Mapping[str, nn.Parameter],
-             bufs: _Buffers, what: str, cfg: PassConfig, device: torch.device) -> float:
-        """One forward/backward with capture hooks; adds per-image squared gradients to the totals."""
-        for gl in self.linears.values():
-            w = gl.module.weight
-            gl.rows = torch.zeros(w.shape[0], dtype=torch.float32, device=device)
-            gl.cols = torch.zeros(w.shape[1], dtype=torch.float32, device=device)
-            gl.bias = torch.zeros(w.shape[0], dtype=torch.float32, device=device)
-        handles = [gl.module.register_forward_hook(self._forward_hook(gl, n, cfg.backend))
-                   for gl in self.linears.values()]
-        try:
-            loss, grads = batch_gradients(gm, objective, batch, params, what, cfg, device)
-        finally:
-            for h in handles:
-                h.remove()
-        bufs.batch.zero_()
-        scale = float(n) ** 2  # the loss is a mean over n images: per-image gradient = n * captured
-        for g, out in zip(self.groups, bufs.batch_views):
-            for s in g.slices:
-                lin, kind = self.owner[s.name]
-                gl = self.linears[lin]
-                if kind == "bias":
-                    per_pos = gl.bias
-                else:
-                    per_pos = gl.rows if s.dim == 0 else gl.cols
-                out.add_(per_pos[bufs.index[id(s)]].sum(dim=1), alpha=scale)
-        value = _check_batch(loss, bufs.batch, grads, what, cfg.amp_dtype)
-        bufs.commit()
-        return value
-
-    def _forward_hook(self, gl: _GhostLinear, n_images: int, backend: str):
-        views = self.views
-
-        def per_sample(t: torch.Tensor) -> torch.Tensor:
-            """[views * B, ..., C] (view-major rows) -> [B, views * T, C]."""
-            rows = t.shape[0]
-            if rows != views * n_images:
-                raise RuntimeError(
-                    f"linear layer {gl.name!r} saw {rows} rows, expected {views} views x {n_images} images"
-                )
-            t = t.reshape(views, n_images, -1, t.shape[-1])
-            return t.transpose(0, 1).reshape(n_images, -1, t.shape[-1])
-
-        def hook(module: nn.Module, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
-            if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-                return
-            x = inputs[0].detach()
-
-            def on_grad(g: torch.Tensor) -> None:
-                xs = per_sample(x.to(g.dtype))
-                gs = per_sample(g)
-                rows, cols, bias = ghost_sqnorm(xs, gs, backend=backend)
-                gl.rows += rows
-                gl.cols += cols
-                gl.bias += bias
-
-            output.register_hook(on_grad)
-
-        return hook
-
-
 # ============================================================================ entry point
 def local_scores(
     model: nn.Module,
@@ -1096,21 +421,26 @@ def local_scores(
 
     Raises:
         NumericalError: a loss or gradient was NaN/inf (the message names the batch).
-        DataError: the images cannot be used. ScoresError: bad arguments.
+        DataError: the images cannot be used.
+        ConfigError: an option has a value outside what it accepts (method, mode, batch size ...).
+        ScoresError: the arguments do not fit together (``"ce"`` without labels,
+            ``per_sample="ghost"`` where it cannot apply, a loss that is not a scalar).
     """
     method = METHOD_ALIASES.get(method, method)
     if method not in METHODS:
-        raise ScoresError(f"method must be one of {METHODS} (or 'fisher'), got {method!r}.")
-    ctx = current(False if method in ("magnitude", "lamp", "random", "snip") else distributed, device)
+        raise ConfigError(f"method must be one of {METHODS} (or 'fisher'), got {method!r}.")
+    ctx = current(False if method in BASELINES else distributed, device)
     cfg = PassConfig(batch_size=batch_size, mode=mode, seed=seed, num_images=num_images,
                      device=ctx.device(device), progress=progress,
                      amp_dtype=amp_dtype, backend=backend, per_sample=per_sample)
     if example_inputs is None and not (isinstance(model, fx.GraphModule) and EXAMPLE_INPUTS_META in model.meta):
-        example_inputs = _example_from(images, preprocess)
+        example_inputs = example_inputs_from(images, preprocess)
         if example_inputs is not None:
-            example_inputs = tuple(t.to(_device_of(model)) for t in example_inputs)
+            example_inputs = tuple(t.to(device_of(model)) for t in example_inputs)
     gm, smap = resolve_model(model, example_inputs, structures)
-    if method in ("magnitude", "lamp", "random", "snip"):
+    if method in BASELINES:
+        # imported here, not at the top: baselines.py imports LocalScores / new_scores from this
+        # module until they move to elastic_fx/scores.py (then this import can go to the top)
         from . import baselines
 
         if method == "snip":

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from elastic_fx.data import PreprocessConfig, SyntheticSource
-from elastic_fx.errors import DataError
+from elastic_fx.errors import ConfigError, DataError
 from elastic_fx.scoring.dino import DinoConfig, DinoLoss, MultiCropSampler, ce_loss, dino_loss
 
 CFG = PreprocessConfig((16, 16), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
@@ -176,9 +176,9 @@ def test_dino_loss_shape_errors():
         dino_loss(lambda x: x, g, torch.randn(1, 1, 3, 4, 4))  # returns [M, 3, 4, 4]
     with pytest.raises(DataError, match="views"):
         dino_loss(lambda x: x.flatten(1), g, torch.randn(1, 1, 3, 8, 8))
-    with pytest.raises(DataError):
+    with pytest.raises(ConfigError):
         DinoConfig(local_scale=(0.3, 0.2))
-    with pytest.raises(DataError):
+    with pytest.raises(ConfigError):
         DinoConfig(teacher_temp=0.0)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import elastic_fx as efx
 from elastic_fx.data import PreprocessConfig
-from elastic_fx.errors import NumericalError, ScoresError
+from elastic_fx.errors import ConfigError, NumericalError, ScoresError
 from elastic_fx.scoring import dino as dino_mod
 from elastic_fx.scoring.dino import DinoConfig, MultiCropSampler, dino_loss
 from elastic_fx.scoring.local import LocalScores, local_scores
@@ -278,13 +278,13 @@ def test_a_nan_loss_stops_with_the_batch_named(traced):
 
 def test_bad_arguments_are_refused(traced):
     _, gm, _ = traced("hand_separate_qkv")
-    with pytest.raises(ScoresError, match="method"):
+    with pytest.raises(ConfigError, match="method"):
         local_scores(gm, _images(2), method="hessian", progress=False)
-    with pytest.raises(ScoresError, match="mode"):
+    with pytest.raises(ConfigError, match="mode"):
         local_scores(gm, _images(2), mode="per-token", progress=False)
     with pytest.raises(ScoresError, match="labels"):
         local_scores(gm, _images(2), method="ce", progress=False)
-    with pytest.raises(ScoresError, match="batch_size"):
+    with pytest.raises(ConfigError, match="batch_size"):
         local_scores(gm, _images(2), batch_size=0, progress=False)
 
 
