@@ -1,5 +1,12 @@
 """Evaluators: how good are the features of a (possibly sliced) backbone?
 
+Takes a model (or its embedding module) and labelled data or features; returns
+accuracies. Touches nothing (a module runs in eval mode and its mode is restored).
+Images and their preprocessing come from :mod:`elastic_fx.data` (the one image
+pipeline): :func:`~elastic_fx.data.load_labelled` reads the split,
+:func:`~elastic_fx.data.resolve_preprocess` picks the normalisation,
+:func:`~elastic_fx.data.to_model_input` applies it.
+
 The paper's two protocols (Appendix B.6), on frozen features:
 
 * **k-NN top-1** -- scikit-learn ``KNeighborsClassifier``, k = 20, majority vote
@@ -10,32 +17,29 @@ The paper's two protocols (Appendix B.6), on frozen features:
   accuracy is reported: :func:`linear_probe` with :class:`LinearProbeConfig` (epochs are
   configurable so CPU runs stay short).
 
-Data: :func:`load_labelled` reads an ``.npz`` (``x_train, y_train, x_test, y_test``,
-optional ``label_names``) or ``class_name/image.jpg`` folders; :func:`to_model_input`
-turns uint8 HWC images into a normalised float NCHW batch; :func:`extract_features`
-runs a model over it in batches; :func:`evaluate_features` chains them in one call.
+:func:`extract_features` runs a model over preprocessed images in batches;
+:func:`evaluate_features` chains preprocessing, extraction and both protocols;
+:func:`evaluate_budgets` does so for the sliced sub-network at every sparsity.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import LabelledData, iter_batches, resolve_preprocess, to_model_input
+from .data import load_labelled  # noqa: F401  shim: elastic_fx.evaluate.load_labelled (cli, benchmarks)
 from .errors import DataError, ElasticFxError
 
 logger = logging.getLogger(__name__)
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------- features
@@ -66,22 +70,6 @@ def _embedding(out: Any) -> torch.Tensor:
                     "(tokens, the first one is used). Pass a module that ends in a pooled embedding.")
 
 
-def _batches(images: Any, batch_size: int) -> Iterable[torch.Tensor]:
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if isinstance(images, torch.Tensor):
-        if images.dim() != 4:
-            raise DataError(f"images has shape {tuple(images.shape)}; expected [N, C, H, W] (use to_model_input for "
-                            "uint8 [N, H, W, C] arrays).")
-        if not images.is_floating_point():
-            raise DataError(f"images has dtype {images.dtype}; expected normalised floats (see to_model_input).")
-        for start in range(0, images.shape[0], batch_size):
-            yield images[start:start + batch_size]
-        return
-    for item in images:  # a DataLoader or any iterable of batches / (batch, labels)
-        yield item[0] if isinstance(item, (tuple, list)) else item
-
-
 def extract_features(
     model: Union[torch.nn.Module, Callable[[torch.Tensor], Any]],
     images: Union[ArrayLike, Iterable[Any]],
@@ -110,7 +98,7 @@ def extract_features(
     feats: List[torch.Tensor] = []
     try:
         with torch.no_grad():
-            for batch in _batches(images, batch_size):
+            for batch in iter_batches(images, batch_size):
                 feats.append(_embedding(model(batch.to(device))).float().cpu())
     finally:
         if was_training and isinstance(model, torch.nn.Module):
@@ -118,33 +106,6 @@ def extract_features(
     if not feats:
         raise DataError("No images were given to extract_features; the source is empty.")
     return torch.cat(feats)
-
-
-def to_model_input(
-    images: ArrayLike,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    size: Optional[int] = None,
-) -> torch.Tensor:
-    """uint8 ``[N, H, W, C]`` images -> normalised float ``[N, C, H, W]``.
-
-    ``size`` resizes (bilinear, antialiased) to ``size x size`` when the model expects a
-    different resolution. Float ``[N, H, W, C]`` input is taken to be in [0, 1] already.
-    """
-    x = torch.as_tensor(images)
-    if x.dim() != 4 or x.shape[-1] not in (1, 3):
-        raise DataError(f"images has shape {tuple(x.shape)}; expected uint8 [N, H, W, C] with C in (1, 3).")
-    is_uint8 = x.dtype == torch.uint8
-    x = x.permute(0, 3, 1, 2).float()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if is_uint8:
-        x = x / 255.0
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 # ----------------------------------------------------------------------------- checks
@@ -321,10 +282,10 @@ def linear_probe(
 
 def evaluate_features(
     model: Union[torch.nn.Module, Callable[[torch.Tensor], Any], None],
-    data: "LabelledData",
+    data: LabelledData,
     *,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
     image_size: Optional[int] = None,
     batch_size: int = 64,
     device: Union[str, torch.device] = "cpu",
@@ -334,8 +295,10 @@ def evaluate_features(
     """k-NN (and, with ``linear``, linear-probe) top-1 of ``model``'s features on ``data``.
 
     Images (uint8 ``[N, H, W, C]``) are normalised with ``mean``/``std`` (resized to
-    ``image_size`` if given) and embedded by ``model``; ``data`` holding features already
-    (float ``[N, D]``) is used as is, and ``model`` may then be None.
+    ``image_size`` if given) and embedded by ``model``; without ``mean``/``std`` the
+    model's own preprocessing is used (:func:`_normalisation`; a :class:`DataError` when
+    it has none). ``data`` holding features already (float ``[N, D]``) is used as is, and
+    ``model`` may then be None.
     Returns ``{"knn_top1": ..., "linear_top1": ...}`` (the latter only with ``linear``).
     """
 
@@ -345,7 +308,8 @@ def evaluate_features(
         if model is None:
             raise DataError(f"data holds images of shape {x.shape[1:]} but model is None; "
                             "pass the model to embed them.")
-        chunks = (to_model_input(x[i:i + batch_size], mean, std, image_size) for i in range(0, len(x), batch_size))
+        m, s, size = _normalisation(model, mean, std, image_size)
+        chunks = (to_model_input(x[i:i + batch_size], m, s, size) for i in range(0, len(x), batch_size))
         return extract_features(model, chunks, device=device)  # converted chunk by chunk: uint8 stays compact
 
     f_train, f_test = features(data.x_train), features(data.x_test)
@@ -353,128 +317,6 @@ def evaluate_features(
     if linear is not None:
         result["linear_top1"] = linear_probe(f_train, data.y_train, f_test, data.y_test, linear)
     return result
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class LabelledData:
-    """A labelled train/test split: images (uint8 ``[N, H, W, C]``) or features (float ``[N, D]``)."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    class_names: List[str] = field(default_factory=list)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (the class-name list, or the largest label + 1)."""
-        if self.class_names:
-            return len(self.class_names)
-        return int(max(self.y_train.max(initial=-1), self.y_test.max(initial=-1))) + 1
-
-
-def _load_npz(path: Path) -> LabelledData:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as e:
-        raise DataError(f"Cannot read {path} as an .npz archive ({e}).") from e
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
-    if missing:
-        raise DataError(f"{path} lacks {missing}; an .npz needs x_train, y_train, x_test, y_test "
-                        f"(found {sorted(arrays)}).")
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise DataError(f"{path}: x_{split} has {x.shape[0]} rows but y_{split} has shape {y.shape}.")
-        if x.shape[0] == 0:
-            raise DataError(f"{path}: the {split} split is empty.")
-        if not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{path}: y_{split} has dtype {y.dtype}; expected integer class indices.")
-    names_key = next((k for k in ("class_names", "label_names") if k in arrays), None)
-    names = [str(n) for n in arrays[names_key]] if names_key else []
-    y_max = int(max(arrays["y_train"].max(), arrays["y_test"].max()))
-    if names and y_max >= len(names):
-        raise DataError(f"{path}: label {y_max} but only {len(names)} class names.")
-    return LabelledData(arrays["x_train"], arrays["y_train"].astype(np.int64), arrays["x_test"],
-                        arrays["y_test"].astype(np.int64), names)
-
-
-def _load_image(path: Path, size: int) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = size / min(w, h)  # shorter side to `size`, then a centre crop
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - size) // 2, (h - size) // 2
-            return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    except Exception as e:
-        raise DataError(f"Cannot read image {path} ({e}); remove or replace it.") from e
-
-
-def _class_files(root: Path) -> dict:
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder; expected class_name/image.jpg folders.")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise DataError(f"{root} has no class sub-folders; expected {root}/<class_name>/<image>.jpg.")
-    return {c: sorted(p for p in (root / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) for c in classes}
-
-
-def _load_split(files: dict, class_index: dict, size: int, root: Path) -> Tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for cls, paths in files.items():
-        for p in paths:
-            xs.append(_load_image(p, size))
-            ys.append(class_index[cls])
-    if not xs:
-        raise DataError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}.")
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
-
-
-def load_labelled(path_or_train_dir: Union[str, Path], test_dir: Union[str, Path, None] = None, *,
-                  image_size: int = 224) -> LabelledData:
-    """Load a labelled split from an ``.npz`` or from ``class_name/image.jpg`` folders.
-
-    * ``.npz``: arrays ``x_train, y_train, x_test, y_test`` (uint8 HWC images or float
-      features), optional ``class_names`` / ``label_names``.
-    * folders: ``path_or_train_dir`` holds one sub-folder per class; ``test_dir`` likewise.
-      Without ``test_dir``, ``path_or_train_dir/train`` with ``test`` (or ``val``) is used.
-      Class names are the train folder's sorted sub-folder names; a test class absent from
-      train is an error. Images are resized (shorter side) and centre-cropped to
-      ``image_size``.
-    """
-    root = Path(path_or_train_dir).expanduser()
-    if root.is_file():
-        if root.suffix.lower() != ".npz":
-            raise DataError(f"{root} is a file but not an .npz; pass an .npz or a folder of class sub-folders.")
-        return _load_npz(root)
-    if not root.exists():
-        raise DataError(f"{root} does not exist; pass an .npz file or a folder of class sub-folders.")
-    if test_dir is None:
-        test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-        if not (root / "train").is_dir() or test_root is None:
-            raise DataError(f"No test split for {root}: pass test_dir, or use {root}/train and {root}/test folders.")
-        root = root / "train"
-    else:
-        test_root = Path(test_dir).expanduser()
-    train_files, test_files = _class_files(root), _class_files(test_root)
-    unknown = sorted(set(test_files) - set(train_files))
-    if unknown:
-        raise DataError(f"Test classes {unknown} do not exist in the train folder {root} (classes: "
-                        f"{sorted(train_files)}); rename or remove them.")
-    names = list(train_files)
-    index = {c: i for i, c in enumerate(names)}
-    x_train, y_train = _load_split(train_files, index, image_size, root)
-    x_test, y_test = _load_split(test_files, index, image_size, test_root)
-    return LabelledData(x_train, y_train, x_test, y_test, names)
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -504,20 +346,20 @@ class BudgetResult:
                 "seconds": self.seconds}
 
 
-def _budget_preprocess(gm: Any, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
-                       image_size: Optional[int]) -> Tuple[Sequence[float], Sequence[float], Optional[int]]:
-    """``mean``/``std``/``image_size`` to normalise evaluation images with: the caller's, else the model's."""
+def _normalisation(model: Any, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                   image_size: Optional[int]) -> Tuple[Sequence[float], Sequence[float], Optional[int]]:
+    """``mean``/``std``/``image_size`` to normalise evaluation images with: the caller's, else the model's.
+
+    Both statistics given: used as they are, and images keep their size unless
+    ``image_size`` is given. Otherwise :func:`elastic_fx.data.resolve_preprocess` (the
+    graph's stored config, then the model's own) fills what is missing, and square
+    models resize the images to their input side.
+    """
     if mean is not None and std is not None:
         return mean, std, image_size
-    from .data import PREPROCESS_META, PreprocessConfig
-
-    stored = getattr(gm, "meta", {}).get(PREPROCESS_META)
-    if stored is None:
-        raise DataError("this model carries no preprocessing config (timm / Hugging Face / torchvision), so the "
-                        "evaluation images cannot be normalised; pass mean=..., std=... (and image_size=...).")
-    cfg = stored if isinstance(stored, PreprocessConfig) else PreprocessConfig.from_dict(stored)
+    cfg = resolve_preprocess(model, mean=mean, std=std)
     side = cfg.input_size[0] if cfg.input_size[0] == cfg.input_size[1] else None
-    return (mean or cfg.mean), (std or cfg.std), (image_size or side)
+    return cfg.mean, cfg.std, (image_size or side)
 
 
 def _check_sparsities(sparsities: Sequence[float]) -> List[float]:
@@ -535,7 +377,7 @@ def _check_sparsities(sparsities: Sequence[float]) -> List[float]:
 def evaluate_budgets(
     model: torch.nn.Module,
     scores: Any,
-    data: "LabelledData",
+    data: LabelledData,
     sparsities: Sequence[float],
     *,
     mean: Optional[Sequence[float]] = None,
@@ -576,7 +418,7 @@ def evaluate_budgets(
     if example_inputs is None and mean is not None and std is not None and not hasattr(model, "graph"):
         example_inputs = (to_model_input(data.x_train[:2], mean, std, image_size),)
     em = ElasticModel(model, scores, example_inputs)  # no example: traced at the model's own input size
-    pre_mean, pre_std, pre_size = _budget_preprocess(em.gm, mean, std, image_size)
+    pre_mean, pre_std, pre_size = _normalisation(em.gm, mean, std, image_size)
     results = []
     for s in values:
         t0 = time.perf_counter()

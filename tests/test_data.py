@@ -1,4 +1,4 @@
-"""Image sources and preprocessing taken from the model's own config."""
+"""The image pipeline: sources, preprocessing from the model's own config, labelled splits."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ from PIL import Image
 from elastic_fx.data import (
     PREPROCESS_META,
     ImageFolderSource,
+    LabelledData,
     PreprocessConfig,
     SyntheticSource,
     TensorSource,
     as_source,
+    load_labelled,
     load_tensor,
     preprocess_config,
     raw_images,
+    resolve_preprocess,
+    to_model_input,
 )
 from elastic_fx.errors import DataError
 
@@ -256,6 +260,116 @@ def test_bad_config_values_are_data_errors():
     with pytest.raises(DataError, match="mean"):
         PreprocessConfig((8, 8), (0.5, 0.5), (0.5,) * 3)
     assert PreprocessConfig.from_dict(PreprocessConfig((8, 9), (0.5,) * 3, (0.5,) * 3).to_dict()).input_size == (8, 9)
+
+
+# --------------------------------------------------------------------------- resolve_preprocess
+
+
+def _bare_vit():
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=0)
+
+
+def test_resolve_explicit_wins_over_graph_and_model():
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Identity()))
+    stored = PreprocessConfig((48, 64), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "bilinear", 0.9)
+    gm.meta[PREPROCESS_META] = stored.to_dict()
+    explicit = PreprocessConfig((8, 8), (0.5,) * 3, (0.5,) * 3)
+    assert resolve_preprocess(gm, torch.randn(2, 3, 8, 8), explicit) is explicit
+    assert resolve_preprocess(gm, None, explicit.to_dict()) == explicit
+    assert resolve_preprocess(gm) == stored  # the graph's config, as a PreprocessConfig even when stored as a dict
+    assert resolve_preprocess(gm, torch.randn(2, 3, 16, 16)) == stored  # a config beats the images' size
+    assert resolve_preprocess(gm, mean=(0.0, 0.0, 0.0)).mean == (0.0, 0.0, 0.0)  # single fields replaced
+
+
+def test_resolve_model_config_then_preprocessed_images_then_error():
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1)
+    assert resolve_preprocess(m) == preprocess_config(m)
+    bare = _bare_vit()  # size from patch_embed, no statistics
+    assert resolve_preprocess(bare, mean=(0.4,) * 3, std=(0.2,) * 3) == PreprocessConfig((32, 32), (0.4,) * 3,
+                                                                                         (0.2,) * 3)
+    x = torch.randn(3, 3, 24, 20)
+    ident = resolve_preprocess(bare, x)
+    assert ident.input_size == (24, 20) and ident.mean == (0.0,) * 3 and ident.std == (1.0,) * 3
+    assert torch.equal(load_tensor(x, ident), x)
+    assert resolve_preprocess(bare, TensorSource(x)).input_size == (24, 20)
+    assert resolve_preprocess(bare, TensorSource(x), traced_size=(16, 16)).input_size == (16, 16)
+    with pytest.raises(DataError, match="mean=..., std=..."):
+        resolve_preprocess(bare)
+    with pytest.raises(DataError, match="already preprocessed"):
+        resolve_preprocess(bare, torch.zeros(2, 3, 8, 8, dtype=torch.uint8))  # raw pixels need statistics
+    with pytest.raises(DataError, match="input_size"):
+        resolve_preprocess(None)
+
+
+def test_to_model_input_has_no_default_statistics():
+    with pytest.raises(DataError, match="mean and std"):
+        to_model_input(np.zeros((1, 4, 4, 3), dtype=np.uint8))
+
+
+# --------------------------------------------------------------------------- array input (from test_evaluate.py)
+
+
+def test_to_model_input_normalises_uint8_hwc():
+    img = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    img[..., 0] = 255
+    x = to_model_input(img, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5))
+    assert x.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(x[:, 0], torch.ones(2, 4, 4))
+    torch.testing.assert_close(x[:, 1], torch.full((2, 4, 4), -2.0))
+    assert to_model_input(img, (0.5,) * 3, (0.5,) * 3, size=8).shape == (2, 3, 8, 8)
+
+
+# ----------------------------------------------------------------------------- data loading
+
+
+def test_load_labelled_npz(tmp_path):
+    x = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x[:4], y_train=np.array([0, 1, 2, 1]), x_test=x[4:],
+             y_test=np.array([2, 0]), label_names=np.array(["a", "b", "c"]))
+    data = load_labelled(tmp_path / "d.npz")
+    assert isinstance(data, LabelledData)
+    assert data.class_names == ["a", "b", "c"] and data.num_classes == 3
+    np.testing.assert_array_equal(data.x_test, x[4:])
+    assert data.y_train.dtype == np.int64
+    np.savez(tmp_path / "bad.npz", x_train=x, y_train=np.zeros(6, dtype=np.int64))
+    with pytest.raises(DataError, match="x_test"):
+        load_labelled(tmp_path / "bad.npz")
+
+
+def _write_images(root: Path, per_class: dict) -> None:
+    from PIL import Image
+
+    for cls, colours in per_class.items():
+        (root / cls).mkdir(parents=True)
+        for i, colour in enumerate(colours):
+            Image.new("RGB", (12 + i, 10), colour).save(root / cls / f"{i}.png")
+
+
+def test_load_labelled_folders(tmp_path):
+    _write_images(tmp_path / "train", {"dog": [(0, 0, 255)] * 2, "cat": [(255, 0, 0)] * 3})
+    _write_images(tmp_path / "test", {"dog": [(0, 0, 250)]})
+    data = load_labelled(tmp_path, image_size=8)  # finds train/ and test/
+    assert data.class_names == ["cat", "dog"]  # sorted folder names
+    assert data.x_train.shape == (5, 8, 8, 3) and data.x_train.dtype == np.uint8
+    assert sorted(data.y_train.tolist()) == [0, 0, 0, 1, 1]
+    assert data.y_test.tolist() == [1]
+    assert data.x_test[0, 4, 4].tolist() == [0, 0, 250]
+    same = load_labelled(tmp_path / "train", tmp_path / "test", image_size=8)
+    np.testing.assert_array_equal(same.x_train, data.x_train)
+
+
+def test_load_labelled_folder_errors(tmp_path):
+    _write_images(tmp_path / "tr", {"dog": [(0, 0, 0)]})
+    _write_images(tmp_path / "te", {"bird": [(0, 0, 0)]})
+    with pytest.raises(DataError, match="bird"):
+        load_labelled(tmp_path / "tr", tmp_path / "te")
+    with pytest.raises(DataError, match="test_dir"):
+        load_labelled(tmp_path / "tr")
+    (tmp_path / "tr" / "dog" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="broken.jpg"):
+        load_labelled(tmp_path / "tr", tmp_path / "tr")
 
 
 ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"

@@ -1,4 +1,4 @@
-"""Evaluators: k-NN, linear probe, feature extraction and labelled-data loading."""
+"""Evaluators: k-NN, linear probe, feature extraction, evaluation by budget."""
 
 from __future__ import annotations
 
@@ -8,16 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from elastic_fx.data import LabelledData, load_labelled, to_model_input
 from elastic_fx.errors import DataError, ElasticFxError
 from elastic_fx.evaluate import (
-    LabelledData,
     LinearProbeConfig,
     evaluate_features,
     extract_features,
     knn_top1,
     linear_probe,
-    load_labelled,
-    to_model_input,
 )
 
 ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
@@ -179,16 +177,6 @@ def test_extract_features_rejects_bad_images():
         extract_features(_Tokens(), [])
 
 
-def test_to_model_input_normalises_uint8_hwc():
-    img = np.zeros((2, 4, 4, 3), dtype=np.uint8)
-    img[..., 0] = 255
-    x = to_model_input(img, mean=(0.5, 0.5, 0.5), std=(0.5, 0.25, 0.5))
-    assert x.shape == (2, 3, 4, 4)
-    torch.testing.assert_close(x[:, 0], torch.ones(2, 4, 4))
-    torch.testing.assert_close(x[:, 1], torch.full((2, 4, 4), -2.0))
-    assert to_model_input(img, size=8).shape == (2, 3, 8, 8)
-
-
 def test_evaluate_features_chains_extraction_and_both_protocols():
     # images whose mean colour encodes the class; the "model" pools colours -> separable features
     rng = np.random.default_rng(0)
@@ -205,57 +193,6 @@ def test_evaluate_features_chains_extraction_and_both_protocols():
     assert set(evaluate_features(None, feats, k=3)) == {"knn_top1"}
     with pytest.raises(DataError, match="model is None"):
         evaluate_features(None, data)
-
-
-# ----------------------------------------------------------------------------- data loading
-
-
-def test_load_labelled_npz(tmp_path):
-    x = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", x_train=x[:4], y_train=np.array([0, 1, 2, 1]), x_test=x[4:],
-             y_test=np.array([2, 0]), label_names=np.array(["a", "b", "c"]))
-    data = load_labelled(tmp_path / "d.npz")
-    assert isinstance(data, LabelledData)
-    assert data.class_names == ["a", "b", "c"] and data.num_classes == 3
-    np.testing.assert_array_equal(data.x_test, x[4:])
-    assert data.y_train.dtype == np.int64
-    np.savez(tmp_path / "bad.npz", x_train=x, y_train=np.zeros(6, dtype=np.int64))
-    with pytest.raises(DataError, match="x_test"):
-        load_labelled(tmp_path / "bad.npz")
-
-
-def _write_images(root: Path, per_class: dict) -> None:
-    from PIL import Image
-
-    for cls, colours in per_class.items():
-        (root / cls).mkdir(parents=True)
-        for i, colour in enumerate(colours):
-            Image.new("RGB", (12 + i, 10), colour).save(root / cls / f"{i}.png")
-
-
-def test_load_labelled_folders(tmp_path):
-    _write_images(tmp_path / "train", {"dog": [(0, 0, 255)] * 2, "cat": [(255, 0, 0)] * 3})
-    _write_images(tmp_path / "test", {"dog": [(0, 0, 250)]})
-    data = load_labelled(tmp_path, image_size=8)  # finds train/ and test/
-    assert data.class_names == ["cat", "dog"]  # sorted folder names
-    assert data.x_train.shape == (5, 8, 8, 3) and data.x_train.dtype == np.uint8
-    assert sorted(data.y_train.tolist()) == [0, 0, 0, 1, 1]
-    assert data.y_test.tolist() == [1]
-    assert data.x_test[0, 4, 4].tolist() == [0, 0, 250]
-    same = load_labelled(tmp_path / "train", tmp_path / "test", image_size=8)
-    np.testing.assert_array_equal(same.x_train, data.x_train)
-
-
-def test_load_labelled_folder_errors(tmp_path):
-    _write_images(tmp_path / "tr", {"dog": [(0, 0, 0)]})
-    _write_images(tmp_path / "te", {"bird": [(0, 0, 0)]})
-    with pytest.raises(DataError, match="bird"):
-        load_labelled(tmp_path / "tr", tmp_path / "te")
-    with pytest.raises(DataError, match="test_dir"):
-        load_labelled(tmp_path / "tr")
-    (tmp_path / "tr" / "dog" / "broken.jpg").write_bytes(b"not an image")
-    with pytest.raises(DataError, match="broken.jpg"):
-        load_labelled(tmp_path / "tr", tmp_path / "tr")
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -354,6 +291,22 @@ def test_evaluate_budgets_takes_the_models_own_preprocessing():
     own = evaluate_budgets(model, scores, data, [0.4], k=5)  # nn.Module: traced at its own input size
     explicit = evaluate_budgets(gm, scores, data, [0.4], mean=mean, std=std, k=5)
     assert own[0].knn_top1 == explicit[0].knn_top1 and own[0].params == explicit[0].params
+
+
+def test_evaluate_features_defaults_to_the_models_own_preprocessing():
+    import timm
+
+    from elastic_fx.data import preprocess_config
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
+                              num_classes=0).eval()
+    cfg = preprocess_config(model)  # timm's pretrained_cfg statistics, not ImageNet by default
+    data = _colour_data()
+    own = evaluate_features(model, data, k=5)
+    explicit = evaluate_features(model, data, mean=cfg.mean, std=cfg.std, image_size=16, k=5)
+    assert own == explicit
+    with pytest.raises(DataError, match="mean=..., std=..."):  # no config, no statistics: no silent ImageNet
+        evaluate_features(_tiny_vit(num_classes=0), data, k=5)
 
 
 def test_evaluate_budgets_rejects_bad_input(budget_setup, tmp_path):
