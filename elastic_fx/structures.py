@@ -10,6 +10,10 @@ parameter counting and masking are all written once against that form.
 Names are qualified names in the ORIGINAL model (``blocks.3.attn.qkv.weight``), which
 are also the names inside the traced GraphModule.
 
+:func:`elastic_fx.discover` stores its StructureMap in ``gm.meta[STRUCTURE_META]``;
+readers get it with :func:`structures_of`. Keep-masks (what survives) are the
+vocabulary of :mod:`elastic_fx.keep`.
+
 FLOPs follow the paper's Table 7 (ViT-B/16: about 35.1 GFLOPs): a linear layer costs
 ``2 * tokens * weight_entries``; attention adds ``4 * N^2 * head_dim`` (logits and
 reduction) and ``3 * N^2`` (softmax) per head. Biases and norms are not counted.
@@ -20,15 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import SliceError
+from .errors import DiscoveryError, SliceError
 
-#: ``keep`` maps a block index to the kept indices: ``{3: {"heads": [0, 2], "neurons": [...]}}``.
-#: Blocks not named, and keys not given, are kept whole.
-KeepMask = Mapping[int, Mapping[str, Sequence[int]]]
+if TYPE_CHECKING:  # keep.py imports this module; annotations only
+    from .keep import KeepMask
+
+#: ``GraphModule.meta`` key under which :func:`elastic_fx.discover` stores the StructureMap.
+STRUCTURE_META = "elastic_fx.structure"
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,29 @@ def _group_params(slices: Iterable[ParamSlice]) -> int:
     return sum(s.numel_per_structure for s in slices if not s.buffer)
 
 
+class _OutColumns:
+    """The input columns of a group's out-projection: the one place that looks them up.
+
+    Mixed into :class:`AttentionGroup` and :class:`MlpGroup` (which provide ``out_proj``
+    and ``slices``). Removing a structure is the same, for the model's function, as zeroing
+    these columns; masking, correction, zeroing and feature extraction all start here.
+    """
+
+    def out_slice(self) -> ParamSlice:
+        """The ParamSlice of ``<out_proj>.weight`` along its input dim (``dim=1``)."""
+        name = f"{self.out_proj}.weight"
+        for s in self.slices:
+            if s.name == name and s.dim == 1:
+                return s
+        raise SliceError(f"the structure map has no column slice of {name!r}; run efx.discover(gm) on this graph")
+
+    def out_columns(self) -> torch.Tensor:
+        """int64 ``[size, k]``: row ``s`` lists the out-projection input columns structure ``s`` owns."""
+        return self.out_slice().index
+
+
 @dataclass
-class AttentionGroup:
+class AttentionGroup(_OutColumns):
     """The heads of one attention operation."""
 
     num_heads: int
@@ -113,7 +140,7 @@ class AttentionGroup:
 
 
 @dataclass
-class MlpGroup:
+class MlpGroup(_OutColumns):
     """The hidden neurons of one feed-forward network."""
 
     hidden_features: int
@@ -185,7 +212,7 @@ class StructureMap:
                 total += g.size * (g.params_per_head if isinstance(g, AttentionGroup) else g.params_per_neuron)
         return total
 
-    def _kept_counts(self, keep: Optional[KeepMask]) -> Dict[Tuple[int, str], int]:
+    def _kept_counts(self, keep: Optional["KeepMask"]) -> Dict[Tuple[int, str], int]:
         keep = keep or {}
         counts = {}
         for b in self.blocks:
@@ -194,7 +221,7 @@ class StructureMap:
                 counts[(b.index, kind)] = len(k[kind]) if kind in k else g.size
         return counts
 
-    def params(self, keep: Optional[KeepMask] = None) -> int:
+    def params(self, keep: Optional["KeepMask"] = None) -> int:
         """Parameter count of the model after applying ``keep`` (all params by default)."""
         removed = 0
         counts = self._kept_counts(keep)
@@ -204,7 +231,7 @@ class StructureMap:
                 removed += (g.size - counts[(b.index, kind)]) * per
         return self.total_params - removed
 
-    def flops(self, keep: Optional[KeepMask] = None) -> int:
+    def flops(self, keep: Optional["KeepMask"] = None) -> int:
         """Theoretical forward FLOPs per image (paper Table 7) after applying ``keep``."""
         total = self.fixed_flops
         counts = self._kept_counts(keep)
@@ -216,7 +243,7 @@ class StructureMap:
                 total += n * b.mlp.flops_per_neuron
         return total
 
-    def sparsity(self, keep: Optional[KeepMask]) -> float:
+    def sparsity(self, keep: Optional["KeepMask"]) -> float:
         """Fraction of prunable parameters that ``keep`` removes."""
         base = self.prunable_params
         return 0.0 if base == 0 else (self.total_params - self.params(keep)) / base
@@ -281,3 +308,14 @@ class StructureMap:
 
     def __repr__(self) -> str:  # pragma: no cover - convenience
         return f"StructureMap({len(self.blocks)} blocks, {self.flops() / 1e9:.2f} GFLOPs)"
+
+
+def structures_of(gm: Any) -> StructureMap:
+    """The StructureMap :func:`elastic_fx.discover` stored on ``gm`` (raises if it has not run)."""
+    smap = getattr(gm, "meta", {}).get(STRUCTURE_META)
+    if smap is None:
+        raise DiscoveryError(
+            f"this {type(gm).__name__} carries no structure map; run efx.discover(gm) first "
+            "(slicing returns a new module without one: discover it again)"
+        )
+    return smap

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import elastic_fx as efx
-from elastic_fx.embedding import embedding_module
+from elastic_fx.passes.embedding import embedding_module
 from elastic_fx.errors import DiscoveryError
 from zoo import ZOO
 

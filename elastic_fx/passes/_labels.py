@@ -21,6 +21,9 @@ label computation simply calls the node's own target.
 
 Callers ask for *summaries* at watched nodes (see :class:`Watch`), so the full label
 tensors are freed as soon as the interpreter frees the values.
+
+Also here, because every pass classifies nodes the same way: :func:`op_name` and the op
+classes, :func:`find_linears`. Nothing here modifies the graph or its module.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
+
+from ._mha import MHA_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +95,7 @@ def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
         mod = gm.get_submodule(node.target)
         if isinstance(mod, nn.Linear):
             return "linear"
-        if isinstance(mod, nn.MultiheadAttention) or type(mod).__name__ == "SlicedMultiheadAttention":
+        if isinstance(mod, MHA_TYPES):
             return "multihead_attention"
         if isinstance(mod, _POINTWISE_MODULES):
             return "identity"

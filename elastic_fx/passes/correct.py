@@ -66,7 +66,8 @@ left to compensate (a warning is logged when that is detected).
 With a StructureMap: :func:`correction_layers` turns a keep dict into the
 ``(out-projection, column mask)`` list in graph execution order, and
 :func:`correct_structures` returns a corrected deep copy of a traced model, ready for
-``slice_graph`` with the same keep dict::
+``slice_graph`` with the same keep dict (:func:`correct_pass` returns the copy with the
+per-layer report; the input model is never modified)::
 
     corrected = correct_structures(gm, smap, keep, calibration=images)
     small = slice_graph(corrected, smap, keep)
@@ -85,7 +86,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import DataError, ElasticFxError, NumericalError, SliceError
-from ..structures import KeepMask, StructureMap
+from ..keep import KeepMask
+from ..structures import StructureMap
 
 logger = logging.getLogger(__name__)
 
@@ -567,13 +569,14 @@ def correction_layers(
             kept = keep.get(block.index, {}).get(kind)
             if kept is None:
                 continue
-            weight = f"{group.out_proj}.weight"
-            cols = [s for s in group.slices if s.name == weight and s.dim == 1]
-            if not cols:
-                logger.warning("block %d %s: no column slice of %s; not corrected", block.index, kind, weight)
+            try:
+                cols = group.out_slice()
+            except SliceError:
+                logger.warning("block %d %s: no column slice of %s.weight; not corrected",
+                               block.index, kind, group.out_proj)
                 continue
-            mask = torch.zeros(cols[0].shape[1], dtype=torch.bool)
-            mask[cols[0].kept_positions(kept)] = True
+            mask = torch.zeros(cols.shape[1], dtype=torch.bool)
+            mask[cols.kept_positions(kept)] = True
             if not bool(mask.all()):
                 layers.append((group.out_proj, mask))
     if isinstance(model, fx.GraphModule):
@@ -591,6 +594,20 @@ def correction_layers(
     return layers
 
 
+@dataclass
+class CorrectionResult:
+    """What :func:`correct_pass` returns: the corrected copy and what changed in it.
+
+    Attributes:
+        module: the corrected deep copy (the input model is untouched).
+        layers: ``{out-projection name: LayerCorrection}`` for every corrected layer, in
+            execution order; their weights are the only tensors that differ from the input's.
+    """
+
+    module: nn.Module
+    layers: Dict[str, LayerCorrection]
+
+
 def correct_structures(
     model: nn.Module,
     smap: StructureMap,
@@ -606,8 +623,23 @@ def correct_structures(
     The copy computes the pruned-and-corrected function (removed structures' columns are
     zero in the out-projections); slice it with the same ``keep`` afterwards. ``model``
     itself is not modified. Per-layer errors are logged and stored in the copy's
-    ``meta["elastic_fx.correction"]`` when it is a GraphModule.
+    ``meta["elastic_fx.correction"]`` when it is a GraphModule. :func:`correct_pass`
+    returns the same copy together with the per-layer report.
     """
+    return correct_pass(model, smap, keep, calibration, config=config, batch_size=batch_size, forward=forward).module
+
+
+def correct_pass(
+    model: nn.Module,
+    smap: StructureMap,
+    keep: Optional[KeepMask],
+    calibration: Optional[Calibration],
+    *,
+    config: Optional[CorrectionConfig] = None,
+    batch_size: int = 32,
+    forward: Optional[Callable[[nn.Module, Tensor], object]] = None,
+) -> CorrectionResult:
+    """:func:`correct_structures`, returning what it changed as well (a :class:`CorrectionResult`)."""
     if calibration is None:
         raise DataError(
             "weight correction needs calibration images: pass calibration= a tensor [N, C, H, W] "
@@ -618,4 +650,4 @@ def correct_structures(
     report = correct_model(new, layers, calibration, config=config, batch_size=batch_size, forward=forward)
     if isinstance(new, fx.GraphModule):
         new.meta[CORRECTION_META] = {k: dataclasses.asdict(v) for k, v in report.items()}
-    return new
+    return CorrectionResult(new, report)

@@ -16,94 +16,31 @@ No module names, no per-family adapters. The pass
 Head count and head_dim are read from the shapes the graph computes at the core
 (``[..., heads, tokens, head_dim]``), never assumed. An FFN whose hidden activations are
 normalised across neurons (a LayerNorm over the hidden dim) is recorded as not prunable.
+
+Takes a GraphModule from :func:`elastic_fx.trace` (it runs it once on the example inputs
+stored in its meta); returns a :class:`~elastic_fx.structures.StructureMap`. What it
+writes: ``gm.meta[STRUCTURE_META]`` (``"elastic_fx.structure"``) = that StructureMap,
+read back with :func:`elastic_fx.structures.structures_of`. Nothing else of ``gm`` (its
+graph, parameters, node meta) is changed. Attention cores are found by
+:mod:`._attention`, the same way slicing and masking find them.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+
 from ..errors import DiscoveryError
-from ..structures import AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap
+from ..structures import STRUCTURE_META, AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap
+from ..structures import structures_of  # noqa: F401  (the getter of what discover writes, re-exported)
 from ..tracing import TRACER_META, example_inputs_of
-from ._labels import (
-    ADD_LIKE,
-    MUL_LIKE,
-    SDPA_OPS,
-    SOFTMAX_OPS,
-    UNARY_POINTWISE,
-    LabelInterpreter,
-    LinearInfo,
-    Watch,
-    _fetch_attr,
-    find_linears,
-    head_table,
-    op_name,
-)
+from ._attention import AttentionCore, find_cores, find_mha_nodes, mha_head_rows
+from ._labels import LabelInterpreter, LinearInfo, Watch, _fetch_attr, find_linears, head_table, op_name
 
 log = logging.getLogger(__name__)
-
-STRUCTURE_META = "elastic_fx.structure"
-
-
-@dataclass
-class _Core:
-    node: fx.Node  # output [..., H, N, d]
-    q: fx.Node
-    k: fx.Node
-    v: fx.Node
-    k_transposed: bool
-    kind: str  # "sdpa" | "explicit"
-    extras: List[fx.Node] = field(default_factory=list)  # tensors added to the logits
-
-
-# ----------------------------------------------------------------------------- cores
-def _find_cores(gm: fx.GraphModule) -> List[_Core]:
-    cores = []
-    for n in gm.graph.nodes:
-        name = op_name(gm, n)
-        if name in SDPA_OPS:
-            args = list(n.args) + [None] * 4
-            q, k, v = args[0], args[1], args[2]
-            mask = n.kwargs.get("attn_mask", args[3])
-            extras = [mask] if isinstance(mask, fx.Node) else []
-            cores.append(_Core(n, q, k, v, False, "sdpa", extras))
-        elif name in SOFTMAX_OPS:
-            core = _explicit_core(gm, n)
-            if core is not None:
-                cores.append(core)
-    return cores
-
-
-def _explicit_core(gm: fx.GraphModule, softmax: fx.Node) -> Optional[_Core]:
-    """softmax(f(q @ kᵀ)) -> g(...) @ v, with f, g chains of pointwise ops."""
-    passthrough = UNARY_POINTWISE | MUL_LIKE | ADD_LIKE | {"identity"}
-    extras: List[fx.Node] = []
-    x = softmax.args[0] if softmax.args else None
-    while isinstance(x, fx.Node) and op_name(gm, x) in passthrough:
-        ins = [a for a in x.all_input_nodes]
-        if not ins:
-            return None
-        if op_name(gm, x) in ADD_LIKE:
-            extras.extend(ins[1:])
-        x = ins[0]
-    if not (isinstance(x, fx.Node) and op_name(gm, x) in {"matmul", "bmm"} and len(x.args) >= 2):
-        return None
-    q, kt = x.args[0], x.args[1]
-    y = softmax
-    while True:
-        users = [u for u in y.users if not op_name(gm, u).startswith("_assert")]  # export's metadata checks
-        if len(users) != 1:
-            return None
-        u = users[0]
-        if op_name(gm, u) in {"matmul", "bmm"} and u.args[0] is y:
-            return _Core(u, q, kt, u.args[1], True, "explicit", extras)
-        if op_name(gm, u) not in passthrough:
-            return None
-        y = u
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -143,8 +80,8 @@ class _Analysis:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.linears: Dict[fx.Node, LinearInfo] = find_linears(gm)
-        self.cores = _find_cores(gm)
-        self.mhas = [n for n in gm.graph.nodes if op_name(gm, n) == "multihead_attention"]
+        self.cores = find_cores(gm)
+        self.mhas = find_mha_nodes(gm)
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.notes: List[str] = []
         watch = Watch()
@@ -175,7 +112,7 @@ class _Analysis:
         return self.interp.sources[i]
 
     # -- attention
-    def attention(self, core: _Core) -> Optional[Tuple[AttentionGroup, int]]:
+    def attention(self, core: AttentionCore) -> Optional[Tuple[AttentionGroup, int]]:
         shape = self.interp.shapes.get(core.node)
         if not shape or len(shape) < 4:
             self.notes.append(f"attention at node '{core.node.name}' has shape {shape}; heads need [..., H, N, d]")
@@ -292,7 +229,7 @@ class _Analysis:
             out.append(ParamSlice(name, shape, 0, index))
         return out
 
-    def _out_proj(self, core: _Core, num_heads: int, head_dim: int) -> Optional[Tuple[LinearInfo, ParamSlice]]:
+    def _out_proj(self, core: AttentionCore, num_heads: int, head_dim: int) -> Optional[Tuple[LinearInfo, ParamSlice]]:
         cs = self.src_of.get(("core", core.node))
         if cs is None:
             return None
@@ -312,7 +249,7 @@ class _Analysis:
                 return li, ParamSlice(li.weight, self.param_shape(li.weight), 1, index)
         return None
 
-    def _extras(self, core: _Core, num_heads: int) -> Optional[List[ParamSlice]]:
+    def _extras(self, core: AttentionCore, num_heads: int) -> Optional[List[ParamSlice]]:
         out = []
         for e in core.extras:
             for per_head in self.sum.get((e, f"extra:{core.node.name}"), []):
@@ -422,8 +359,7 @@ class _Analysis:
         tokens = (q_shape[1] if m.batch_first else q_shape[0]) if q_shape else 1
         kv_shape = self.interp.shapes.get(node.args[1]) if len(node.args) > 1 else q_shape
         kv_tokens = (kv_shape[1] if m.batch_first else kv_shape[0]) if kv_shape else tokens
-        per_head = torch.arange(H).view(H, 1) * hd + torch.arange(hd)  # [H, hd]
-        qkv_rows = torch.cat([per_head + i * inner for i in range(3)], dim=1)  # [H, 3hd]
+        per_head, qkv_rows = mha_head_rows(H, hd, inner)  # [H, hd], [H, 3hd]
         slices = []
         if m._qkv_same_embed_dim:
             slices.append(ParamSlice(f"{pre}.in_proj_weight", tuple(m.in_proj_weight.shape), 0, qkv_rows))
@@ -626,10 +562,3 @@ def _embedding_node(an: _Analysis, blocks: List[Block]) -> Optional[str]:
             return n.name
     return None
 
-
-def structure_map_of(gm: fx.GraphModule) -> StructureMap:
-    """The StructureMap that :func:`discover` stored on ``gm`` (raises if it has not run)."""
-    try:
-        return gm.meta[STRUCTURE_META]
-    except (AttributeError, KeyError):
-        raise DiscoveryError("this GraphModule has no structure map; run efx.discover(gm) first") from None

@@ -15,9 +15,15 @@ and returns a NEW module in which
 * ``nn.MultiheadAttention`` leaves with fewer heads become
   :class:`SlicedMultiheadAttention` (PyTorch's module ties the inner width to embed_dim).
 
-The input module is left untouched. Removing *every* head of an attention or every
-neuron of an FFN is refused with a :class:`SliceError` (the budget module's floors always
-keep at least one); so are unknown blocks, out-of-range and duplicate indices.
+:func:`slice_pass` returns a :class:`SliceResult` (the new module, and which parameters,
+nodes and modules it changed); :func:`slice_graph` (``efx.slice``) returns its module.
+The new module's meta is a copy of ``gm.meta`` without the StructureMap (its widths are
+stale: run discover on the new module). The input module is left untouched.
+
+Keep-masks are validated by :func:`elastic_fx.keep.normalize_keep`: removing *every*
+head of an attention or every neuron of an FFN is refused with a :class:`SliceError` (the
+budget module's floors always keep at least one); so are unknown blocks, out-of-range
+and duplicate indices.
 
 The result is checked before it is returned: ``graph.lint()``, then a run on the example
 inputs in which every rewritten node must produce the predicted shape.
@@ -27,18 +33,19 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SliceError
-from ..structures import KeepMask, ParamSlice, StructureMap
+from ..keep import KeepMask, normalize_keep  # noqa: F401  (normalize_keep: old import path, re-exported)
+from ..structures import STRUCTURE_META, ParamSlice, StructureMap
 from ..tracing import example_inputs_of
+from ._attention import SlicedMultiheadAttention, find_cores, find_mha_nodes
 from ._labels import LabelInterpreter, Watch, _fetch_attr, find_linears, op_name
-from .discover import STRUCTURE_META, _find_cores
 
 log = logging.getLogger(__name__)
 
@@ -46,114 +53,27 @@ SHAPE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand", "unflatten"}
 SPLIT_OPS = {"split", "split_with_sizes"}
 SLICE_OPS = {"slice", "narrow", "getitem"}
 
+Shape = Tuple[int, ...]
 
-class SlicedMultiheadAttention(nn.Module):
-    """``nn.MultiheadAttention`` with an inner width ``num_heads * head_dim`` of its own.
 
-    Same call signature and return value (``(output, None)``: attention weights are not
-    computed); attribute names mirror PyTorch's so discovery reads it the same way.
+@dataclass
+class SliceResult:
+    """What :func:`slice_pass` returns: the new module and everything it changed.
+
+    Attributes:
+        module: the sliced GraphModule (``gm`` itself is untouched).
+        sliced_params: ``{qualified name: (old shape, new shape)}`` of every parameter and
+            buffer that lost entries (names as in ``gm``; MultiheadAttention ones included).
+        rewritten_nodes: ``{node name: (old args, new args)}`` of every node whose width
+            constants (shape arguments, split sizes, slice bounds) were rewritten.
+        replaced_modules: qualified names of ``nn.MultiheadAttention`` leaves replaced by
+            :class:`SlicedMultiheadAttention`.
     """
 
-    def __init__(self, mha: nn.MultiheadAttention, keep: Sequence[int]) -> None:
-        super().__init__()
-        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-            raise SliceError(
-                "slicing nn.MultiheadAttention supports a packed in-projection without bias_k/bias_v "
-                "or add_zero_attn; this module uses one of those"
-            )
-        E, H = mha.embed_dim, mha.num_heads
-        hd = E // H
-        keep_t = torch.as_tensor(sorted(keep), dtype=torch.long)
-        per_head = (keep_t.view(-1, 1) * hd + torch.arange(hd)).reshape(-1)
-        rows = torch.cat([per_head + i * E for i in range(3)])
-        self.embed_dim = E
-        self.num_heads = len(keep_t)
-        self.head_dim = hd
-        self.batch_first = mha.batch_first
-        self.dropout = mha.dropout
-        self._qkv_same_embed_dim = True
-        self.bias_k = self.bias_v = None
-        self.add_zero_attn = False
-        self.in_proj_weight = nn.Parameter(mha.in_proj_weight.detach()[rows].clone())
-        self.in_proj_bias = (
-            nn.Parameter(mha.in_proj_bias.detach()[rows].clone()) if mha.in_proj_bias is not None else None
-        )
-        inner = self.num_heads * hd
-        self.out_proj = nn.Linear(inner, E, bias=mha.out_proj.bias is not None)
-        with torch.no_grad():
-            self.out_proj.weight.copy_(mha.out_proj.weight[:, per_head])
-            if mha.out_proj.bias is not None:
-                self.out_proj.bias.copy_(mha.out_proj.bias)
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        if need_weights:
-            raise SliceError("a sliced MultiheadAttention does not return attention weights (need_weights=True)")
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        B, N, _ = query.shape
-        M = key.shape[1]
-        inner = self.num_heads * self.head_dim
-        w_q, w_k, w_v = self.in_proj_weight.split(inner)
-        b_q, b_k, b_v = self.in_proj_bias.split(inner) if self.in_proj_bias is not None else (None,) * 3
-        q = F.linear(query, w_q, b_q).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        k = F.linear(key, w_k, b_k).view(B, M, self.num_heads, self.head_dim).transpose(1, 2)
-        v = F.linear(value, w_v, b_v).view(B, M, self.num_heads, self.head_dim).transpose(1, 2)
-        mask = None
-        if key_padding_mask is not None:
-            mask = ~key_padding_mask.bool().view(B, 1, 1, M)
-        if attn_mask is not None:
-            am = attn_mask if attn_mask.dtype != torch.bool else ~attn_mask
-            mask = am if mask is None else mask & am
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        o = self.out_proj(o.transpose(1, 2).reshape(B, N, inner))
-        if not self.batch_first:
-            o = o.transpose(0, 1)
-        return o, None
-
-
-# ----------------------------------------------------------------------------- keep validation
-def normalize_keep(smap: StructureMap, keep: Optional[KeepMask]) -> Dict[int, Dict[str, List[int]]]:
-    """Validate a keep-mask and return it complete: every block, sorted kept indices."""
-    keep = dict(keep or {})
-    out: Dict[int, Dict[str, List[int]]] = {}
-    known = {b.index for b in smap.blocks}
-    for bi in keep:
-        if bi not in known:
-            raise SliceError(f"keep names block {bi!r}, which does not exist; blocks are {sorted(known)}")
-    for b in smap.blocks:
-        want = keep.get(b.index, {}) or {}
-        unknown = set(want) - {"heads", "neurons"}
-        if unknown:
-            raise SliceError(f"block {b.index}: unknown keys {sorted(unknown)} in keep; use 'heads' and 'neurons'")
-        entry: Dict[str, List[int]] = {}
-        for kind, group, size in (
-            ("heads", b.attention, b.attention.num_heads if b.attention else 0),
-            ("neurons", b.mlp, b.mlp.hidden_features if b.mlp else 0),
-        ):
-            if kind not in want:
-                if group is not None:
-                    entry[kind] = list(range(size))
-                continue
-            if group is None:
-                raise SliceError(f"block {b.index} has no {'attention' if kind == 'heads' else 'FFN'}, but keep names {kind}")
-            idx = [int(i) for i in want[kind]]
-            if kind == "neurons" and not group.prunable and len(idx) != size:
-                raise SliceError(f"block {b.index}: the FFN is not prunable ({group.reason}); keep all its neurons")
-            bad = [i for i in idx if not 0 <= i < size]
-            if bad:
-                raise SliceError(f"block {b.index}: {kind} indices {bad} out of range [0, {size})")
-            if len(set(idx)) != len(idx):
-                dup = sorted({i for i in idx if idx.count(i) > 1})
-                raise SliceError(f"block {b.index}: duplicate {kind} indices {dup}")
-            if not idx:
-                raise SliceError(
-                    f"block {b.index}: keep removes every {kind[:-1]}; elastic_fx keeps at least one per block "
-                    "(efx.budget_masks enforces this with its per-block floors)"
-                )
-            entry[kind] = sorted(idx)
-        out[b.index] = entry
-    return out
+    module: fx.GraphModule
+    sliced_params: Dict[str, Tuple[Shape, Shape]] = field(default_factory=dict)
+    rewritten_nodes: Dict[str, Tuple[Any, Any]] = field(default_factory=dict)
+    replaced_modules: List[str] = field(default_factory=list)
 
 
 def _slice_owners(smap: StructureMap, keep: Dict[int, Dict[str, List[int]]]) -> Dict[str, List[Tuple[ParamSlice, List[int]]]]:
@@ -171,24 +91,31 @@ def _slice_owners(smap: StructureMap, keep: Dict[int, Dict[str, List[int]]]) -> 
 # ----------------------------------------------------------------------------- the pass
 def slice_graph(gm: fx.GraphModule, smap: StructureMap, keep: Optional[KeepMask]) -> fx.GraphModule:
     """Return a new GraphModule with only the kept heads and neurons (see module docstring)."""
+    return slice_pass(gm, smap, keep).module
+
+
+def slice_pass(gm: fx.GraphModule, smap: StructureMap, keep: Optional[KeepMask]) -> SliceResult:
+    """:func:`slice_graph`, returning what it changed as well (a :class:`SliceResult`)."""
     if not isinstance(gm, fx.GraphModule):
         raise SliceError(f"slice() takes a GraphModule from efx.trace(), got {type(gm).__name__}")
     full = normalize_keep(smap, keep)
     owners = _slice_owners(smap, full)
-    mha_nodes = {
-        n: n.target for n in gm.graph.nodes
-        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)
-    }
-    plan = _plan_rewrites(gm, smap, full, owners, set(mha_nodes))
+    mha_nodes = {n: n.target for n in find_mha_nodes(gm)}
+    plan = _plan_rewrites(gm, smap, full, owners)
     new = copy.deepcopy(gm)
     new.meta = {k: v for k, v in gm.meta.items() if k != STRUCTURE_META}
     _slice_parameters(new, owners, skip_prefixes=tuple(f"{t}." for t in mha_nodes.values()))
-    _replace_mha(new, smap, full, mha_nodes)
-    _rewrite_nodes(new, plan)
+    replaced = _replace_mha(new, smap, full, mha_nodes)
+    rewritten = _rewrite_nodes(new, plan)
     new.graph.lint()
     new.recompile()
     _verify(new, plan)
-    return new
+    sliced = {}
+    for name in owners:
+        old, now = tuple(_fetch_attr(gm, name).shape), tuple(_fetch_attr(new, name).shape)
+        if old != now:
+            sliced[name] = (old, now)
+    return SliceResult(new, sliced, rewritten, replaced)
 
 
 def _kept_positions(entries: List[Tuple[ParamSlice, List[int]]], dim: int, size: int) -> torch.Tensor:
@@ -221,7 +148,8 @@ def _slice_parameters(gm: fx.GraphModule, owners, skip_prefixes: Tuple[str, ...]
             owner.out_features, owner.in_features = owner.weight.shape
 
 
-def _replace_mha(gm: fx.GraphModule, smap: StructureMap, keep, mha_nodes) -> None:
+def _replace_mha(gm: fx.GraphModule, smap: StructureMap, keep, mha_nodes) -> List[str]:
+    replaced = []
     by_core = {b.attention.core: b.index for b in smap.blocks if b.attention is not None and b.attention.kind == "mha"}
     for node, target in mha_nodes.items():
         bi = by_core.get(target)
@@ -233,6 +161,8 @@ def _replace_mha(gm: fx.GraphModule, smap: StructureMap, keep, mha_nodes) -> Non
             continue
         parent, _, attr = target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, SlicedMultiheadAttention(mha, heads))
+        replaced.append(target)
+    return replaced
 
 
 # ----------------------------------------------------------------------------- constants
@@ -252,10 +182,10 @@ def _kept_dims(interp: LabelInterpreter, lut, chans: List[Any], value: Any) -> A
     return [kept.movedim(d, 0).reshape(value.shape[d], -1).any(1) for d in range(value.dim())]
 
 
-def _plan_rewrites(gm, smap, keep, owners, mha_nodes) -> Dict[str, Any]:
+def _plan_rewrites(gm, smap, keep, owners) -> Dict[str, Any]:
     """Run the ORIGINAL graph with labels; record surviving positions at every width-bearing node."""
     linears = find_linears(gm)
-    cores = {c.node for c in _find_cores(gm)}
+    cores = {c.node for c in find_cores(gm)}
     core_heads = {}
     for b in smap.blocks:
         if b.attention is not None and b.attention.kind != "mha":
@@ -325,12 +255,15 @@ def _new_size(kept_dim: torch.Tensor) -> int:
     return int(kept_dim.sum())
 
 
-def _rewrite_nodes(gm: fx.GraphModule, plan: Dict[str, Any]) -> None:
+def _rewrite_nodes(gm: fx.GraphModule, plan: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """Rewrite the width constants the plan calls for; ``{node name: (old args, new args)}``."""
+    changed = {}
     for n in list(gm.graph.nodes):
         info = plan.get(n.name)
         if info is None:
             continue
         name = op_name(gm, n)
+        before = n.args
         try:
             if name in SHAPE_ARG_OPS and "out" in info and info["out"] is not None:
                 _rewrite_shape_args(n, name, info)
@@ -342,6 +275,9 @@ def _rewrite_nodes(gm: fx.GraphModule, plan: Dict[str, Any]) -> None:
             raise
         except Exception as e:
             raise SliceError(f"could not rewrite the width constants at {n.format_node()}: {e}") from e
+        if n.args != before:
+            changed[n.name] = (before, n.args)
+    return changed
 
 
 def _changed(info) -> Optional[List[int]]:
@@ -471,23 +407,3 @@ def _verify(gm: fx.GraphModule, plan: Dict[str, Any]) -> None:
     with torch.no_grad():
         Check(gm).run(*example_inputs_of(gm))
 
-
-def zero_structures(module: nn.Module, smap: StructureMap, keep: Optional[KeepMask]) -> nn.Module:
-    """In place: zero the out-projection columns of every removed head / neuron.
-
-    The dense model with these zeros computes exactly what the sliced model computes;
-    it is the reference of the slicing invariant (and of weight correction).
-    """
-    full = normalize_keep(smap, keep)
-    with torch.no_grad():
-        for b in smap.blocks:
-            for kind, g in (("heads", b.attention), ("neurons", b.mlp)):
-                if g is None or (kind == "neurons" and not g.prunable):
-                    continue
-                removed = sorted(set(range(g.size)) - set(full[b.index][kind]))
-                if not removed:
-                    continue
-                out_w = next(s for s in g.slices if s.name == f"{g.out_proj}.weight")
-                cols = out_w.index[torch.as_tensor(removed)].reshape(-1)
-                _fetch_attr(module, out_w.name)[:, cols] = 0
-    return module

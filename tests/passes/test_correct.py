@@ -270,3 +270,21 @@ def test_correct_structures_then_slice_on_a_traced_vit():
     assert (small - dense).norm() < 0.6 * (small_uncorrected - dense).norm()
     with pytest.raises(DataError, match="calibration"):
         correct_structures(gm, smap, keep, None)
+
+
+def test_correct_pass_records_exactly_the_layers_it_changed():
+    from elastic_fx.passes.correct import CorrectionResult, correct_pass
+    from elastic_fx.passes.discover import discover
+    from elastic_fx.tracing import trace
+
+    gm = trace(_tiny_vit(), (torch.randn(2, 3, 32, 32),))
+    smap = discover(gm)
+    keep = {0: {"heads": [1, 3]}, 1: {"neurons": list(range(0, HIDDEN, 3))}}
+    result = correct_pass(gm, smap, keep, torch.randn(64, 3, 32, 32))
+    assert isinstance(result, CorrectionResult)
+    assert list(result.layers) == ["blocks.0.attn.proj", "blocks.1.mlp.fc2"]
+    before, after = gm.state_dict(), result.module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"{name}.weight" for name in result.layers}
+    for name, rep in result.layers.items():
+        assert rep.error_after <= rep.error_before and rep.pruned_columns > 0

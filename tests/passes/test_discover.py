@@ -142,3 +142,29 @@ def test_leaf_module_registry_keeps_a_module_opaque():
         from elastic_fx import tracing
 
         tracing._LEAF_MODULES.discard(mlp_cls)
+
+
+def test_discover_writes_its_map_into_meta_and_the_getter_reads_it(traced):
+    from elastic_fx.structures import STRUCTURE_META, structures_of
+
+    _, inputs, gm, smap = traced("timm_vit")
+    assert gm.meta[STRUCTURE_META] is smap and structures_of(gm) is smap
+    small = efx.slice(gm, smap, {0: {"heads": [0]}})
+    with pytest.raises(efx.DiscoveryError, match=r"run efx.discover\(gm\) first"):
+        structures_of(small)  # slicing drops the stale map
+    again = efx.discover(small)
+    assert structures_of(small) is again and again.blocks[0].attention.num_heads == 1
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "hf_vit", "torchvision_vit", "timm_eva02"])
+def test_out_columns_are_the_out_projection_input_columns(name, traced):
+    """out_slice()/out_columns(): the one lookup of the columns each head / neuron owns."""
+    model, _, _, smap = traced(name)
+    for b in smap.blocks:
+        for _, g in b.groups():
+            sl = g.out_slice()
+            assert sl.name == f"{g.out_proj}.weight" and sl.dim == 1
+            cols = g.out_columns()
+            assert cols.shape[0] == g.size and torch.equal(cols, sl.index)
+            width = model.get_submodule(g.out_proj).weight.shape[1]
+            assert sorted(cols.reshape(-1).tolist()) == list(range(width))  # every column owned once

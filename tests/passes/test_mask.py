@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 
 import elastic_fx as efx
-from elastic_fx.embedding import embedding_module
-from elastic_fx.errors import SliceError
-from elastic_fx.passes import mask as mask_mod
+from elastic_fx.errors import DataError, SliceError
+from elastic_fx.keep import keep_tensors
+from elastic_fx.passes import _masked_modules as modules_mod
+from elastic_fx.passes.embedding import embedding_module
 from elastic_fx.passes.mask import (
     MaskedModel,
     build_masked,
     keeps_to_masks,
     masked_embeddings,
-    masked_sdpa,
 )
 from zoo import build, liven
 
@@ -187,7 +187,7 @@ def test_every_attention_core_is_replaced(name):
 def test_multihead_attention_is_decomposed():
     gm, smap, _ = _traced("torchvision_vit")
     model = build_masked(gm, smap)
-    mods = [m for m in model.modules() if isinstance(m, mask_mod._MaskedMHA)]
+    mods = [m for m in model.modules() if isinstance(m, modules_mod._MaskedMHA)]
     assert len(mods) == len(smap.blocks)
 
 
@@ -196,7 +196,7 @@ def test_attention_kernel_receives_the_pair_head_masks(monkeypatch):
     keeps = _random_keeps(smap, 3, seed=3)
     heads, _ = keeps_to_masks(smap, keeps)
     seen = []
-    real = mask_mod.masked_attention
+    real = modules_mod.masked_attention
 
     def spy(q, k, v, head_keep, **kw):
         seen.append((tuple(q.shape), head_keep.clone()))
@@ -204,7 +204,7 @@ def test_attention_kernel_receives_the_pair_head_masks(monkeypatch):
         assert out.transpose(1, 2)[~head_keep].abs().max() == 0  # masked (pair, head): exact zeros
         return out
 
-    monkeypatch.setattr(mask_mod, "masked_attention", spy)
+    monkeypatch.setattr(modules_mod, "masked_attention", spy)
     masked_embeddings(build_masked(gm, smap), images, keeps, batch_size=IMAGES)
     assert len(seen) == len(smap.blocks)
     for (shape, keep), b in zip(seen, smap.blocks):
@@ -295,14 +295,15 @@ def test_source_graph_is_untouched():
         assert torch.equal(gm(images)[0], out_before)
 
 
-# ----------------------------------------------------------------------------- masked_sdpa
-def test_masked_sdpa_matches_per_pair_attention_with_bias():
+# ----------------------------------------------------------------------------- masked attention with a bias
+def test_masked_attention_with_bias_matches_per_pair_attention():
+    """Cores with a logit bias (not taken by the kernel): per pair, SDPA with the bias, masked heads zero."""
     g = torch.Generator().manual_seed(0)
     P, B, H, N, M, d = 3, 2, 4, 5, 6, 8
     q, k, v = (torch.randn(P, B, H, n, d, generator=g) for n in (N, M, M))
     keep = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
     bias = torch.randn(1, 1, H, N, M, generator=g).expand(P, 1, H, N, M)  # shared by samples
-    got = masked_sdpa(q, k, v, keep, attn_mask=bias, scale=0.3)
+    got = modules_mod._attend(q, k, v, keep, mask5=bias, scale=0.3, is_causal=False)
     for p in range(P):
         want = F.scaled_dot_product_attention(q[p], k[p], v[p], attn_mask=bias[p], scale=0.3)
         want = want * keep[p].view(1, H, 1, 1)
@@ -313,7 +314,8 @@ def test_masked_sdpa_matches_per_pair_attention_with_bias():
 # ----------------------------------------------------------------------------- masks and errors
 def test_keeps_to_masks_stacks_and_validates():
     _, smap, _ = _traced("timm_vit")
-    heads, neurons = keeps_to_masks(smap, [{0: {"heads": [0, 2]}}, {1: {"neurons": [5]}}])
+    assert keeps_to_masks is keep_tensors  # the old name of the keep vocabulary's conversion
+    heads, neurons = keep_tensors(smap, [{0: {"heads": [0, 2]}}, {1: {"neurons": [5]}}])
     assert heads[0].tolist() == [[True, False, True], [True, True, True]]
     assert neurons[1][1].sum() == 1 and neurons[1][1, 5] and neurons[1][0].all()
     assert set(heads) == {0, 1} and heads[1].dtype == torch.bool
@@ -334,7 +336,7 @@ def test_forward_rejects_bad_masks():
         model(images, {5: torch.ones(2, 3, dtype=torch.bool)}, {})
     with pytest.raises(SliceError, match="disagree"):
         model(images, {0: torch.ones(2, 3, dtype=torch.bool)}, {0: torch.ones(3, 96, dtype=torch.bool)})
-    with pytest.raises(SliceError, match=r"\[B, 3, H, W\]"):
+    with pytest.raises(DataError, match=r"\[B, 3, H, W\]"):
         model(images[0], {}, {})
     with pytest.raises(SliceError, match="GraphModule"):
         MaskedModel(torch.nn.Linear(2, 2), smap)

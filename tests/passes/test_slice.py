@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import elastic_fx as efx
-from elastic_fx.passes.slice import zero_structures
+from elastic_fx.passes.slice import SliceResult, slice_pass
+from oracles import zero_structures
 from zoo import output_tensors, params
 
 
@@ -137,3 +138,59 @@ def test_not_prunable_ffn_must_be_kept_whole(traced):
     assert smap.blocks[0].mlp.prunable is False
     with pytest.raises(efx.SliceError, match="not prunable"):
         efx.slice(gm, smap, {0: {"neurons": [0, 1]}})
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "hf_vit", "torchvision_vit", "hand_fused_chunk_swiglu"])
+def test_slice_result_records_what_changed(name, traced):
+    """The record slice_pass returns matches the module it returns."""
+    _, inputs, gm, smap = traced(name)
+    keep = random_keep(smap, seed=2)
+    result = slice_pass(gm, smap, keep)
+    assert isinstance(result, SliceResult)
+    small = result.module
+    new_state = dict(small.named_parameters()) | dict(small.named_buffers())
+    old_state = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    assert result.sliced_params
+    for pname, (old, new) in result.sliced_params.items():
+        assert tuple(old_state[pname].shape) == old and tuple(new_state[pname].shape) == new
+        assert old != new
+    # every tensor not in the record kept its shape
+    for pname, t in new_state.items():
+        if pname not in result.sliced_params and pname in old_state:
+            assert t.shape == old_state[pname].shape, pname
+    params = dict(gm.named_parameters())
+    removed = sum(params[n].numel() - torch.Size(new).numel()
+                  for n, (_, new) in result.sliced_params.items() if n in params)
+    assert removed == smap.total_params - smap.params(keep)
+    nodes = {n.name: n for n in small.graph.nodes}
+    for node_name, (old_args, new_args) in result.rewritten_nodes.items():
+        assert nodes[node_name].args == new_args and old_args != new_args
+    mha = [b.attention.core for b in smap.blocks if b.attention is not None and b.attention.kind == "mha"]
+    assert sorted(result.replaced_modules) == sorted(mha)
+    for target in result.replaced_modules:
+        assert type(small.get_submodule(target)).__name__ == "SlicedMultiheadAttention"
+    if name == "timm_vit":
+        assert result.rewritten_nodes  # timm reshapes with constant head counts and widths
+    assert_same(outputs(efx.slice(gm, smap, keep), inputs[0]), outputs(small, inputs[0]))
+
+
+def test_a_sliced_multihead_attention_slices_again():
+    """nn.MultiheadAttention -> SlicedMultiheadAttention -> fewer heads still."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from zoo import liven
+
+    torch.manual_seed(0)
+    model = liven(VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
+                                    mlp_dim=40, num_classes=3)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    gm = efx.trace(model, (x,))
+    smap = efx.discover(gm)
+    small = efx.slice(gm, smap, {0: {"heads": [0, 2, 3]}, 1: {"heads": [1, 2]}})
+    again = efx.discover(small)
+    assert [b.attention.num_heads for b in again.blocks] == [3, 2]
+    smaller = efx.slice(small, again, {0: {"heads": [1]}, 1: {"heads": [0]}})  # original heads 2 and 1
+    reference = zero_structures(copy.deepcopy(gm), smap, {0: {"heads": [2]}, 1: {"heads": [1]}})
+    assert_same(outputs(smaller, x), outputs(reference, x))
+    assert [smaller.get_submodule(b.attention.core).num_heads for b in again.blocks] == [1, 1]

@@ -1,0 +1,114 @@
+"""Keep-masks: which heads and neurons survive, the one vocabulary every stage speaks.
+
+A keep-mask maps a block index to the indices it keeps::
+
+    {3: {"heads": [0, 2], "neurons": [5, 9, 17]}}
+
+Blocks not named, and keys not given, are kept whole. The budget produces keep-masks,
+slicing and weight correction consume one, the masked forward of the search consumes
+many at once as bool tensors.
+
+Takes a :class:`~elastic_fx.structures.StructureMap` and keep-masks; returns validated,
+complete keep-masks (:func:`normalize_keep`) or stacked bool tensors
+(:func:`keep_tensors`). Touches nothing; raises :class:`~elastic_fx.errors.SliceError`
+naming the block and the bad indices.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import SliceError
+from .structures import StructureMap
+
+__all__ = ["KeepMask", "keep_tensors", "keeps_to_masks", "normalize_keep"]
+
+#: block index -> {"heads": kept head indices, "neurons": kept neuron indices}.
+KeepMask = Dict[int, Dict[str, List[int]]]
+
+
+def normalize_keep(smap: StructureMap, keep: Optional[KeepMask]) -> KeepMask:
+    """Validate a keep-mask and return it complete: every block, sorted kept indices.
+
+    Refused (with a :class:`SliceError`): unknown blocks or keys, indices out of range,
+    duplicates, removing every head or every neuron of a group, and removing neurons of
+    an FFN that discovery marked not prunable.
+    """
+    keep = dict(keep or {})
+    out: KeepMask = {}
+    known = {b.index for b in smap.blocks}
+    for bi in keep:
+        if bi not in known:
+            raise SliceError(f"keep names block {bi!r}, which does not exist; blocks are {sorted(known)}")
+    for b in smap.blocks:
+        want = keep.get(b.index, {}) or {}
+        unknown = set(want) - {"heads", "neurons"}
+        if unknown:
+            raise SliceError(f"block {b.index}: unknown keys {sorted(unknown)} in keep; use 'heads' and 'neurons'")
+        entry: Dict[str, List[int]] = {}
+        for kind, group, size in (
+            ("heads", b.attention, b.attention.num_heads if b.attention else 0),
+            ("neurons", b.mlp, b.mlp.hidden_features if b.mlp else 0),
+        ):
+            if kind not in want:
+                if group is not None:
+                    entry[kind] = list(range(size))
+                continue
+            if group is None:
+                raise SliceError(f"block {b.index} has no {'attention' if kind == 'heads' else 'FFN'}, but keep names {kind}")
+            idx = [int(i) for i in want[kind]]
+            if kind == "neurons" and not group.prunable and len(idx) != size:
+                raise SliceError(f"block {b.index}: the FFN is not prunable ({group.reason}); keep all its neurons")
+            bad = [i for i in idx if not 0 <= i < size]
+            if bad:
+                raise SliceError(f"block {b.index}: {kind} indices {bad} out of range [0, {size})")
+            if len(set(idx)) != len(idx):
+                dup = sorted({i for i in idx if idx.count(i) > 1})
+                raise SliceError(f"block {b.index}: duplicate {kind} indices {dup}")
+            if not idx:
+                raise SliceError(
+                    f"block {b.index}: keep removes every {kind[:-1]}; elastic_fx keeps at least one per block "
+                    "(efx.budget_masks enforces this with its per-block floors)"
+                )
+            entry[kind] = sorted(idx)
+        out[b.index] = entry
+    return out
+
+
+def keep_tensors(
+    smap: StructureMap, keeps: Sequence[Optional[KeepMask]]
+) -> Tuple[Dict[int, torch.Tensor], Dict[int, torch.Tensor]]:
+    """Stack ``P`` keep-masks into ``(head_masks {block: bool [P, H]}, neuron_masks {block: bool [P, F]})``.
+
+    Each keep is validated by :func:`normalize_keep` (the error names the keep's
+    position); blocks and keys a keep does not name are kept whole. Neuron masks exist
+    only for prunable FFNs.
+    """
+    if isinstance(keeps, Mapping) or not isinstance(keeps, Sequence) or not keeps:
+        raise SliceError(
+            "keeps must be a non-empty sequence of keep dicts ({block: {'heads': [...], 'neurons': [...]}}), "
+            f"one per pair; got {type(keeps).__name__}"
+        )
+    P = len(keeps)
+    heads = {b.index: torch.zeros((P, b.attention.num_heads), dtype=torch.bool) for b in smap.blocks if b.attention}
+    neurons = {
+        b.index: torch.zeros((P, b.mlp.hidden_features), dtype=torch.bool)
+        for b in smap.blocks if b.mlp is not None and b.mlp.prunable
+    }
+    for p, keep in enumerate(keeps):
+        try:
+            full = normalize_keep(smap, keep)
+        except SliceError as e:
+            raise SliceError(f"keep {p}: {e}") from e
+        for bi, entry in full.items():
+            if bi in heads:
+                heads[bi][p, entry["heads"]] = True
+            if bi in neurons:
+                neurons[bi][p, entry["neurons"]] = True
+    return heads, neurons
+
+
+#: The name the search and the benchmarks use (``passes.mask.keeps_to_masks`` before).
+keeps_to_masks = keep_tensors
