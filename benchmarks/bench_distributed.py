@@ -54,7 +54,7 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def serial_parts(repeats: int) -> Dict[str, Dict[str, float]]:
-    from elastic_fx.elastic import _atomic_write
+    from elastic_fx._io import atomic_write as _atomic_write
     from elastic_fx.search.fitness import PCACosineFitness
     from elastic_fx.search.xnes import XNES, XNESConfig
 
@@ -105,7 +105,7 @@ def _body(rank: int, world: int, port: int, tmp: Path, job: Callable[[int], Any]
 def _forked(world: int, job: Callable[[int], Any]) -> List[Any]:
     """Run job(rank) on ``world`` ranks started by a fork server (autograd forbids plain fork after use)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "timm", "elastic_fx.search.run"])
+    ctx.set_forkserver_preload(["torch", "timm", "elastic_fx.pipeline"])
     port, tmp = _free_port(), Path(tempfile.mkdtemp())
     procs = [ctx.Process(target=_body, args=(r, world, port, tmp, job)) for r in range(world)]
     for p in procs:
@@ -153,7 +153,7 @@ def _comm_job(rank: int, repeats: int = 30) -> Dict[str, float]:
 def _prune_job(rank: Optional[int], *, size: int, n_images: int, iterations: int) -> Dict[str, Any]:
     import timm
 
-    from elastic_fx.search.run import SearchConfig, prune
+    from elastic_fx.pipeline import SearchConfig, prune
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size, depth=6, num_classes=0)

@@ -85,18 +85,12 @@ import torch
 import torch.nn.functional as F
 
 import elastic_fx as efx
-from elastic_fx.embedding import embedding_module
-from elastic_fx.evaluate import (
-    LabelledData,
-    LinearProbeConfig,
-    evaluate_budgets,
-    evaluate_features,
-    load_labelled,
-    to_model_input,
-)
-from elastic_fx.scoring.local import LocalScores, local_scores
-from elastic_fx.search.candidate import Layout
-from elastic_fx.search.run import SearchConfig, prune
+from elastic_fx.data import LabelledData, load_labelled, to_model_input
+from elastic_fx.evaluate import LinearProbeConfig, evaluate_budgets, evaluate_features
+from elastic_fx.passes.embedding import embedding_module
+from elastic_fx.pipeline import SearchConfig, prune
+from elastic_fx.scores import Layout, LocalScores
+from elastic_fx.scoring.local import local_scores
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / ".." / "shared" / "assets"
@@ -429,7 +423,8 @@ def heldout_fitness(setup: Setup, cfg: QualityConfig, cache: Cache, key: str, sc
     name = f"heldout/{key.replace(':', '')}"
     if cache.get(name) is not None or len(setup.held_x) < 3:
         return
-    from elastic_fx.passes.mask import build_masked, masked_embeddings
+    from elastic_fx.passes.mask import build_masked
+    from elastic_fx.search.evaluate import masked_embeddings
     from elastic_fx.search.fitness import PCACosineFitness
 
     t0 = time.perf_counter()

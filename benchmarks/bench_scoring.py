@@ -39,7 +39,8 @@ import elastic_fx as efx
 from elastic_fx.data import SyntheticSource
 from elastic_fx.kernels.sqgrad import SqgradJob, sqgrad_accumulate_many
 from elastic_fx.scoring.dino import DinoConfig
-from elastic_fx.scoring.local import local_scores, scored_groups, scored_parameters
+from elastic_fx.scoring._groups import scored_groups, scored_parameters
+from elastic_fx.scoring.local import local_scores
 
 
 def build_model(quick: bool) -> torch.nn.Module:

@@ -46,8 +46,9 @@ from typing import Dict, List
 import torch
 
 import elastic_fx as efx
-from elastic_fx.embedding import embedding_module
-from elastic_fx.passes.mask import build_masked, masked_embeddings
+from elastic_fx.passes.embedding import embedding_module
+from elastic_fx.passes.mask import build_masked
+from elastic_fx.search.evaluate import masked_embeddings
 
 
 QUICK_SIZE = 112
@@ -83,7 +84,7 @@ def _paper_run(device: torch.device) -> Dict:
     """The paper's configuration end to end (GPU only): local scores + 50 generations."""
     import timm
 
-    from elastic_fx.search.run import SearchConfig, prune
+    from elastic_fx.pipeline import SearchConfig, prune
 
     model = timm.create_model("vit_base_patch16_224", pretrained=False).eval().to(device)
     images = torch.randint(0, 255, (1000, 3, 256, 256), dtype=torch.uint8)

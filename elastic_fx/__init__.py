@@ -1,13 +1,18 @@
 """elastic_fx: any pretrained ViT -> an elastic one, as a torch.fx compiler pass.
 
-The public API is re-exported here and nothing else lives in this file.
+The public API is re-exported here and nothing else lives in this file. ``efx.slice`` is
+the slicing pass; it is left out of ``__all__`` so that ``from elastic_fx import *`` does
+not shadow the builtin ``slice`` (``efx.slice_graph`` is the same function).
 """
 
 from .budget import Floors, achieved, budget_masks, max_sparsity, nested_masks, structure_order
+from .elastic import ElasticModel
 from .errors import (
     BudgetError,
+    ConfigError,
     DataError,
     DiscoveryError,
+    DistributedError,
     ElasticFxError,
     ExportError,
     NumericalError,
@@ -15,51 +20,59 @@ from .errors import (
     SliceError,
     TracingError,
 )
-from .elastic import ElasticModel, ElasticScores
-from .embedding import embedding_module
 from .exporters.onnx import ExportReport, export_onnx
+from .keep import KeepMask
 from .passes.discover import discover
-from .scoring.local import LocalScores, local_scores
-from .search.run import SearchConfig, prune
-from .passes.slice import slice_graph as slice
+from .passes.embedding import embedding_module
+from .passes.slice import SliceResult, slice_graph, slice_pass
+from .pipeline import SearchConfig, prune
+from .scores import ElasticScores, LocalScores
+from .scoring.local import local_scores
 from .structures import AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap
 from .tracing import register_leaf_module, register_no_trace_function, trace
 from .version import __version__
 
+slice = slice_graph  # efx.slice(gm, smap, keep) -> GraphModule (the public contract)
+
 __all__ = [
-    "ElasticModel",
-    "ElasticScores",
-    "ExportReport",
-    "LocalScores",
-    "SearchConfig",
-    "local_scores",
-    "prune",
-    "Floors",
-    "achieved",
-    "budget_masks",
-    "embedding_module",
-    "export_onnx",
-    "max_sparsity",
-    "nested_masks",
-    "structure_order",
     "AttentionGroup",
     "Block",
     "BudgetError",
+    "ConfigError",
     "DataError",
     "DiscoveryError",
+    "DistributedError",
     "ElasticFxError",
+    "ElasticModel",
+    "ElasticScores",
     "ExportError",
+    "ExportReport",
+    "Floors",
+    "KeepMask",
+    "LocalScores",
     "MlpGroup",
     "NumericalError",
     "ParamSlice",
     "ScoresError",
+    "SearchConfig",
     "SliceError",
+    "SliceResult",
     "StructureMap",
     "TracingError",
     "__version__",
+    "achieved",
+    "budget_masks",
     "discover",
+    "embedding_module",
+    "export_onnx",
+    "local_scores",
+    "max_sparsity",
+    "nested_masks",
+    "prune",
     "register_leaf_module",
     "register_no_trace_function",
-    "slice",
+    "slice_graph",
+    "slice_pass",
+    "structure_order",
     "trace",
 ]

@@ -82,6 +82,7 @@ import numpy as np
 import torch
 
 from .errors import BudgetError, NumericalError, ScoresError
+from .keep import KeepMask
 from .structures import AttentionGroup, StructureMap
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ _KINDS: Tuple[str, str] = (HEADS, NEURONS)  # code 0, 1; also the tie-break orde
 #: not remove one structure too many.
 _REL_TOL = 1e-9
 
-KeepDict = Dict[int, Dict[str, List[int]]]
+KeepDict = KeepMask  # the keep vocabulary of elastic_fx.keep, under this module's old name
 Scores = Mapping[int, Any]
 
 #: How heads and neurons are ranked against each other (see "Rankings" in the module docstring).

@@ -30,6 +30,24 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="override the model's input size")
 
 
+def _pca_dim(text: str):
+    if text in ("auto", "full"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected auto, full or a positive number of components, got {text!r}")
+    return value
+
+
+def torch_randn(size):
+    import torch
+
+    return torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+
+
 def _model_and_graph(args):
     import torch
 
@@ -94,9 +112,9 @@ def _scores_for(args, gm, smap):
     """--scores FILE (an .efx from prune, or a LocalScores file from score) or a baseline name."""
     from pathlib import Path
 
-    from .elastic import ElasticScores
     from .errors import ScoresError
-    from .scoring.local import LocalScores, local_scores
+    from .scores import ElasticScores, LocalScores
+    from .scoring.local import local_scores
 
     spec = args.scores
     if spec in ("magnitude", "lamp", "random"):
@@ -137,8 +155,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_import_scores(args) -> int:
-    from .elastic import from_reference
-    from .interop import load_reference_scores
+    from .interop import from_reference, load_reference_scores
     from .passes.discover import discover
 
     ref = load_reference_scores(args.file)
@@ -156,28 +173,31 @@ def cmd_import_scores(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .search.run import SearchConfig, prune
+    from .pipeline import SearchConfig, prune
 
     ctx = _distributed(args)
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    pca = args.pca_dim
     cfg = SearchConfig(num_images=args.num_images, num_fitness_images=args.fitness_images,
-                       batch_size=args.batch_size, popsize=args.popsize, pca_dim=args.pca_dim)
+                       batch_size=args.batch_size, popsize=args.popsize, pca_dim=None if pca == "full" else pca,
+                       ranking=args.ranking, space=args.space, sigma0=args.sigma0,
+                       selection_fraction=args.selection_fraction)
+    example = (torch_randn(args.input_size),) if args.input_size else None
     scores = prune(model, args.images, iterations=args.iterations, sparsities=_sparsities(args.sparsities),
                    seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume, config=cfg,
-                   device=args.device)
+                   device=args.device, example_inputs=example)
     if ctx.is_main:
         path = scores.save(args.out)
-        print(f"wrote {path}: best fitness {scores.best_fitness:.4f} after {len(scores.history)} generations "
-              f"(final mean {scores.mean_fitness:.4f})")
+        print(f"wrote {path} after {len(scores.history)} generations: {scores.selection.get('summary', '')}")
     return 0
 
 
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from .elastic import ElasticScores
     from .passes.discover import discover
     from .report import write_report
+    from .scores import ElasticScores
 
     _, gm = _model_and_graph(args)
     smap = discover(gm)
@@ -189,7 +209,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import LinearProbeConfig, evaluate_budgets, format_budget_table, load_labelled
+    from .data import load_labelled
+    from .evaluate import LinearProbeConfig, evaluate_budgets, format_budget_table
     from .passes.discover import discover
 
     _, gm = _model_and_graph(args)
@@ -254,7 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fitness-images", type=int, default=1000, help="images for the fitness")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--popsize", type=int, default=None, help="xNES population (default 4 + 3 ln d)")
-    p.add_argument("--pca-dim", type=int, default=192)
+    p.add_argument("--pca-dim", default="auto", type=_pca_dim,
+                   help="PCA components of the fitness: auto (the fewest holding 95%% of the pruning error), "
+                        "full (no projection), or a number (the paper: 192)")
+    p.add_argument("--ranking", default="global", choices=["global", "separate"],
+                   help="heads and neurons in one ranking (global, paper Eq. 9) or each on its own (separate)")
+    p.add_argument("--space", default="log", choices=["log", "linear"],
+                   help="search space: log (c = exp(z) from the no-search ranking) or linear (the reference's)")
+    p.add_argument("--sigma0", type=float, default=None, help="initial xNES spread (default: the space's)")
+    p.add_argument("--selection-fraction", type=float, default=0.5,
+                   help="share of the fitness images held out to choose the winner (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint every generation here")

@@ -44,15 +44,15 @@ def _load(spec: str, img_size: int, offline: bool):
 
 
 def run_demo(args) -> dict:
-    from .data import SyntheticSource, as_source, load_tensor
+    from .data import SyntheticSource, as_source, load_tensor, resolve_preprocess
     from .elastic import ElasticModel
-    from .embedding import embedding_module
-    from .exporters.onnx import onnx_latency
+    from .exporters.onnx import export_onnx, onnx_latency
     from .passes.discover import discover
-    from .report import markdown_table, write_report
+    from .passes.embedding import embedding_module
+    from .pipeline import SearchConfig, prune
+    from .report import budget_table, markdown_table, write_report
     from .search.fitness import PCACosineFitness
-    from .search.run import SearchConfig, prune
-    from .tracing import PREPROCESS_META, trace
+    from .tracing import trace
 
     t0 = time.time()
     out = Path(args.out_dir)
@@ -65,8 +65,7 @@ def run_demo(args) -> dict:
 
     n = args.num_images
     images = as_source(args.images) if args.images else SyntheticSource(n=n, size=max(2 * args.img_size, 64), seed=0)
-    cfg = SearchConfig(num_images=n, num_fitness_images=n, batch_size=8, pca_dim=min(192, n - 1),
-                       eval_batch_size=n)
+    cfg = SearchConfig(num_images=n, num_fitness_images=n, batch_size=8, eval_batch_size=n)
     print(f"\nscoring {n} images x 12 DINO crops, then {args.iterations} xNES generations "
           f"at sparsities {args.sparsities} ...")
     scores = prune(gm, images, iterations=args.iterations, sparsities=tuple(args.sparsities), config=cfg)
@@ -76,15 +75,13 @@ def run_demo(args) -> dict:
     manifest = em.export_onnx(out / "onnx", args.sparsities, source=args.model)
 
     # fitness of each exported budget on the fitness images, and ONNX Runtime latency
-    pre = gm.meta[PREPROCESS_META]
+    pre = resolve_preprocess(gm)
     fit_x = load_tensor(images, pre, n, seed=1)
     with torch.no_grad():
         dense = embedding_module(gm, smap)(fit_x).float()
         fitness = PCACosineFitness(dense, dim=min(192, n - 1))
         extra = {}
         dense_onnx = out / "onnx" / "dense.onnx"
-        from .exporters.onnx import export_onnx
-
         export_onnx(gm, dense_onnx, fit_x[:2], metadata={"sparsity": 0.0, "source_model": args.model})
         extra[0.0] = {"fitness": 1.0, "ort_ms_b1": 1e3 * onnx_latency(dense_onnx, 1, iters=20)}
         for entry in manifest["budgets"]:
@@ -95,8 +92,6 @@ def run_demo(args) -> dict:
                         "ort_ms_b1": 1e3 * onnx_latency(out / "onnx" / entry["file"], 1, iters=20)}
     report = write_report(scores, smap, out, title=f"elastic_fx demo: {args.model}", sparsities=args.sparsities,
                           extra=extra)
-    from .report import budget_table
-
     rows = budget_table(scores, smap, args.sparsities, extra)
     print("\n" + markdown_table(rows))
     elapsed = time.time() - t0

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from .data import LabelledData, iter_batches, resolve_preprocess, to_model_input
-from .data import load_labelled  # noqa: F401  shim: elastic_fx.evaluate.load_labelled (cli, benchmarks)
 from .errors import DataError, ElasticFxError
 
 logger = logging.getLogger(__name__)
@@ -402,14 +401,14 @@ def evaluate_budgets(
         example_inputs: for tracing an ``nn.Module``; default: two of ``data``'s train images.
 
     Every sub-network is physically sliced (:meth:`ElasticModel.at`) and cut at its pooled
-    embedding (:func:`elastic_fx.embedding.embedding_module`); features of the train split
+    embedding (:func:`elastic_fx.passes.embedding.embedding_module`); features of the train split
     are the k-NN reference set, the test split is classified.
     """
     import time
 
     from .budget import achieved
     from .elastic import ElasticModel
-    from .embedding import embedding_module
+    from .passes.embedding import embedding_module
 
     values = _check_sparsities(sparsities)
     if data.x_train.ndim != 4:

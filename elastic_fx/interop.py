@@ -60,7 +60,9 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .budget import Floors
 from .errors import BudgetError, ScoresError
+from .scores import ElasticScores, new_scores
 
 logger = logging.getLogger(__name__)
 
@@ -381,3 +383,27 @@ def ratios_to_sparsity(mlp_ratio: float, head_ratio: float, structure_map: Any) 
     if total == 0:
         raise BudgetError("the structure map has no prunable heads or neurons; nothing to convert")
     return (mlp_ratio * neuron_params + head_ratio * head_params) / total
+
+
+def from_reference(ref: ReferenceScores, smap: Any) -> ElasticScores:
+    """ElasticScores from the reference implementation's published score file.
+
+    Its ``head_scores [L, H]`` and ``mlp_scores [L, hidden]`` are already the final
+    per-structure scores (local score x |c|), so they become per-structure scores
+    (``normalized``: not divided by parameter counts again) with ``c = 1``. The reference
+    ranks heads and neurons separately with two ratios; ``budget_masks(..., mlp_ratio=,
+    head_ratio=)`` reproduces that, and ``sparsity=`` ranks both kinds together (see
+    :func:`ratios_to_sparsity`).
+    """
+    check_against(ref, smap.describe())
+    heads = {b.index: ref.head_scores[i] for i, b in enumerate(smap.blocks) if b.attention is not None}
+    neurons = {b.index: ref.mlp_scores[i] for i, b in enumerate(smap.blocks) if b.mlp is not None and b.mlp.prunable}
+    floors = Floors()
+    if ref.floors:
+        floors = Floors(head_fraction=float(ref.floors.get("heads", floors.head_fraction)),
+                        neuron_fraction=float(ref.floors.get("neurons", floors.neuron_fraction)))
+    local = new_scores(smap, heads, neurons, method="reference-import", loss="unknown", mode="unknown", num_images=0,
+                       config={"normalized": True, "source": ref.source, "model_type": ref.model_type})
+    scores = ElasticScores.from_local(local, smap, floors)
+    scores.config.update({"method": "reference-import", "source": ref.source, "model_type": ref.model_type})
+    return scores

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .budget import achieved
-from .elastic import ElasticScores, _atomic_write
+from ._io import atomic_write
+from .scores import ElasticScores
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def plot_fitness(history: List[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -74,7 +75,7 @@ def plot_kept_heatmap(scores: ElasticScores, smap, path: Path, sparsities: Seque
         ax.set_yticklabels([f"{s:.0%}" for s in sparsities])
     axes[0].set_ylabel("sparsity")
     fig.colorbar(im, ax=axes, shrink=0.9, label="kept fraction")
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -136,5 +137,5 @@ def write_report(scores: ElasticScores, smap, out_dir: Path, *, title: str = "el
     for caption, name in images:
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     path = out_dir / "report.md"
-    _atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
     return path

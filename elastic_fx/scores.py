@@ -131,17 +131,17 @@ class LocalScores:
         return "\n".join(rows)
 
     # ------------------------------------------------------------------ identity
-    def check(self, smap: StructureMap) -> None:
+    def check(self, smap: StructureMap, hint: str = "Recompute the scores for this model with "
+              "efx.local_scores(model, images).") -> None:
         """Raise :class:`ScoresError` unless these scores belong to a model with ``smap``'s structure.
 
-        The message names the first block and field that differ.
+        The message names the first block and field that differ, then ``hint``.
         """
         if smap.fingerprint() == self.fingerprint:
             return
         mine = _blocks_description(smap)
         path = self.config.get("path")
         where = f"the scores in {path!r}" if path else "these scores"
-        hint = "Recompute the scores for this model with efx.local_scores(model, images)."
         if len(mine) != len(self.blocks):
             raise ScoresError(
                 f"{where} were computed for a model with {len(self.blocks)} blocks, but this model has "
@@ -262,15 +262,17 @@ def _read(path: Union[str, os.PathLike], writer: str) -> Tuple[Dict[str, Any], D
 
     path = Path(path)
     if not path.is_file():
-        what = "a directory, not a score file" if path.is_dir() else "not there"
-        raise ScoresError(f"{str(path)!r} is {what}; score files are written by {writer}.")
+        if path.is_dir():
+            raise ScoresError(f"{str(path)!r} is a directory, not a score file; score files are written by {writer}.")
+        raise ScoresError(f"no score file at {str(path)!r} (it does not exist); score files are written by {writer}.")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for foreign files
         raise ScoresError(
-            f"{str(path)!r} is not a safetensors score file ({type(e).__name__}: {str(e)[:200]}); "
+            f"{str(path)!r} is not an elastic_fx score file: not a safetensors score file ({type(e).__name__}: "
+            f"{str(e)[:200]}); "
             f"score files are written by {writer}."
         ) from None
     if SCORES_FORMAT not in header:
@@ -475,7 +477,7 @@ class ElasticScores:
 
     def check(self, smap: StructureMap) -> None:
         """Raise ScoresError (naming the first differing block) if these scores belong to another model."""
-        self.local.check(smap)
+        self.local.check(smap, hint="Score this model with elastic-fx prune (efx.prune).")
 
     # ------------------------------------------------------------------ files
     def save(self, path: Union[str, os.PathLike]) -> Path:

@@ -25,13 +25,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TracingError
+from .data import PREPROCESS_META, preprocess_config
+from .errors import DataError, TracingError
 
 log = logging.getLogger(__name__)
 
 EXAMPLE_INPUTS_META = "elastic_fx.example_inputs"
 TRACER_META = "elastic_fx.tracer"
-PREPROCESS_META = "elastic_fx.preprocess"
 
 _LEAF_MODULES: Set[Type[nn.Module]] = set()
 _NO_TRACE_FUNCTIONS: Set[Callable] = set()
@@ -64,9 +64,6 @@ class _Tracer(fx.Tracer):
 
 def default_example_inputs(model: nn.Module, batch_size: int = 2) -> Tuple[torch.Tensor]:
     """A random image batch at the model's own input size (see ``data.preprocess_config``)."""
-    from .data import preprocess_config
-    from .errors import DataError
-
     try:
         cfg = preprocess_config(model)
     except DataError as e:
@@ -214,8 +211,6 @@ def _first_line(e: Exception) -> str:
 def _carry_preprocess(model: nn.Module, gm: fx.GraphModule) -> None:
     """Remember the model's preprocessing so callers holding only the GraphModule find it."""
     try:
-        from .data import preprocess_config
-
         gm.meta[PREPROCESS_META] = preprocess_config(model)
     except Exception:  # not every model carries a config; callers may pass one explicitly
         log.debug("no preprocessing config found for %s", type(model).__name__, exc_info=True)

@@ -44,7 +44,7 @@ def test_export_magnitude_budgets(spec, tmp_path, capsys):
 def test_prune_then_export_then_report(spec, tmp_path, capsys):
     scores = tmp_path / "s.efx"
     args = ["prune", spec, "--out", str(scores), "--iterations", "1", "--sparsities", "0.3",
-            "--num-images", "4", "--fitness-images", "6", "--batch-size", "2", "--pca-dim", "4"]
+            "--num-images", "4", "--fitness-images", "8", "--batch-size", "2", "--pca-dim", "4"]
     assert main(args) == 0
     assert scores.is_file()
     assert main(["export", spec, "--scores", str(scores), "--sparsity", "0.3", "--out-dir", str(tmp_path / "onnx")]) == 0

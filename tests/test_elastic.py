@@ -41,7 +41,7 @@ def test_score_file_for_another_model_is_refused(model_scores, tmp_path):
     path = scores.save(tmp_path / "m.efx")
     other, inputs = build("timm_vit")
     smap2 = efx.discover(efx.trace(other, inputs))
-    with pytest.raises(efx.ScoresError, match="block 0 has num_heads=4 in the score file but 3"):
+    with pytest.raises(efx.ScoresError, match="block 0 has num_heads=4 in the scores but num_heads=3"):
         efx.ElasticScores.load(path, smap2)
 
 

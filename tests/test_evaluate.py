@@ -235,7 +235,7 @@ def budget_setup():
 
 
 def _knn_of(gm, smap, data):
-    from elastic_fx.embedding import embedding_module
+    from elastic_fx.passes.embedding import embedding_module
 
     return evaluate_features(embedding_module(gm, smap), data, mean=MEAN, std=STD, k=5)["knn_top1"]
 

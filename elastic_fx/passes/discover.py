@@ -32,11 +32,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from ..errors import DiscoveryError
 from ..structures import STRUCTURE_META, AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap
-from ..structures import structures_of  # noqa: F401  (the getter of what discover writes, re-exported)
-from ..tracing import TRACER_META, example_inputs_of
+from ..tracing import TRACER_META, example_inputs_of, trace
 from ._attention import AttentionCore, find_cores, find_mha_nodes, mha_head_rows
 from ._labels import LabelInterpreter, LinearInfo, Watch, _fetch_attr, find_linears, head_table, op_name
 
@@ -426,6 +426,18 @@ def _slice_from_element_sets(name: str, shape: Tuple[int, ...], elems: List[Opti
 
 
 # ----------------------------------------------------------------------------- entry point
+def prepare(model: nn.Module, example_inputs: Optional[Sequence] = None,
+            structures: Optional[StructureMap] = None) -> Tuple[fx.GraphModule, StructureMap]:
+    """``model`` as a traced GraphModule and its StructureMap: the one way every stage gets them.
+
+    A GraphModule from :func:`elastic_fx.trace` is used as it is; a StructureMap passed in
+    (or stored in ``gm.meta`` by an earlier :func:`discover`) is not searched for again.
+    """
+    gm = trace(model, example_inputs)
+    smap = structures if structures is not None else gm.meta.get(STRUCTURE_META) or discover(gm)
+    return gm, smap
+
+
 def discover(gm: fx.GraphModule) -> StructureMap:
     """Find every attention head and FFN hidden neuron of a traced ViT.
 

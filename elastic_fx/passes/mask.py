@@ -45,18 +45,16 @@ activations are masked instead.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from ..errors import DataError, SliceError
-from ..keep import keeps_to_masks  # old import path of keep.keep_tensors, re-exported; used by masked_embeddings
 from ..structures import AttentionGroup, MlpGroup, StructureMap
 from ..tracing import example_inputs_of
 from ._attention import CoreCall, find_cores, find_mha_nodes, plain_attention
@@ -66,13 +64,10 @@ from .embedding import embedding_module
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MaskedModel", "build_masked", "keeps_to_masks", "masked_embeddings"]
+__all__ = ["MaskedModel", "build_masked"]
 
 #: ``GraphModule.meta`` key of the masked graph: what the pass rewrote (list of strings).
 MASK_META = "elastic_fx.mask"
-
-#: Images per forward (pairs x images) when ``masked_embeddings`` chooses the pair chunk.
-DEFAULT_ROWS_PER_FORWARD = 256
 
 _ASSERT_METADATA = {"_assert_tensor_metadata"}
 
@@ -411,66 +406,3 @@ def _mha_node(gm: fx.GraphModule, bi: int, a: AttentionGroup) -> Optional[fx.Nod
 def build_masked(gm: fx.GraphModule, smap: StructureMap, **kw: Any) -> MaskedModel:
     """``MaskedModel(gm, smap, **kw)``: the graph of ``gm`` rewritten to take keep-masks."""
     return MaskedModel(gm, smap, **kw)
-
-
-def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    if amp_dtype is None:
-        amp_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if amp_dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def masked_embeddings(
-    model: MaskedModel,
-    images: torch.Tensor,
-    keeps: Sequence[Optional[Mapping]],
-    *,
-    batch_size: int = 64,
-    pair_chunk: Optional[int] = None,
-    device: Optional[torch.device | str] = None,
-    amp_dtype: Optional[torch.dtype] = None,
-) -> torch.Tensor:
-    """Pooled embeddings ``[P, N, D]`` (float32) of ``P`` sub-networks on ``N`` images.
-
-    Args:
-        model: from :func:`build_masked`.
-        images: ``[N, 3, H, W]`` preprocessed images (any device; moved batch by batch).
-        keeps: ``P`` keep dicts, e.g. one per (candidate, sparsity) from the budget module.
-        batch_size: images per forward.
-        pair_chunk: pairs per forward (each forward runs ``pair_chunk * batch_size``
-            rows); default ``max(1, 256 // batch_size)``.
-        device: where to compute; default where ``model``'s parameters are. The model
-            is moved there (it owns its parameters; the source GraphModule stays put).
-        amp_dtype: autocast dtype; default bfloat16 on CUDA and none (float32) on the
-            CPU; ``torch.float32`` disables autocast.
-
-    Returns:
-        float32 tensor ``[P, N, D]`` on ``device``; row ``p`` equals the embeddings of
-        ``efx.slice(gm, smap, keeps[p])``.
-    """
-    if not isinstance(model, MaskedModel):
-        raise SliceError(f"masked_embeddings takes a MaskedModel from build_masked(gm, smap), got {type(model).__name__}")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise SliceError(f"images must be a non-empty tensor [N, 3, H, W], got {got}")
-    if batch_size < 1 or (pair_chunk is not None and pair_chunk < 1):
-        raise SliceError(f"batch_size and pair_chunk must be >= 1, got {batch_size} and {pair_chunk}")
-    head_masks, neuron_masks = keeps_to_masks(model.smap, keeps)
-    P, N = len(keeps), images.shape[0]
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(dev).eval()
-    chunk = pair_chunk or max(1, DEFAULT_ROWS_PER_FORWARD // batch_size)
-    head_masks = {k: v.to(dev) for k, v in head_masks.items()}
-    neuron_masks = {k: v.to(dev) for k, v in neuron_masks.items()}
-    out: Optional[torch.Tensor] = None
-    with torch.inference_mode(), _autocast(dev, amp_dtype):
-        for i in range(0, N, batch_size):
-            x = images[i : i + batch_size].to(dev, non_blocking=True)
-            for p0 in range(0, P, chunk):
-                sl = slice(p0, p0 + chunk)
-                emb = model(x, {k: v[sl] for k, v in head_masks.items()}, {k: v[sl] for k, v in neuron_masks.items()})
-                if out is None:
-                    out = torch.empty((P, N, emb.shape[-1]), dtype=torch.float32, device=dev)
-                out[sl, i : i + x.shape[0]] = emb.float()
-    return out

@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SliceError
-from ..keep import KeepMask, normalize_keep  # noqa: F401  (normalize_keep: old import path, re-exported)
+from ..keep import KeepMask, normalize_keep
 from ..structures import STRUCTURE_META, ParamSlice, StructureMap
 from ..tracing import example_inputs_of
 from ._attention import SlicedMultiheadAttention, find_cores, find_mha_nodes

@@ -46,7 +46,7 @@ from ._groups import ScoredGroup, scored_groups, scored_parameters, sum_per_stru
 from ._resolve import resolve_model
 from .dino import DinoConfig, LossFn
 from .gradients import PassConfig, batch_gradients, check_finite_grads, describe_batch, run_batches, target_device
-from .local import LocalScores, new_scores  # becomes: from ..scores import LocalScores, new_scores
+from ..scores import LocalScores, new_scores
 from .objective import build_objective
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..data import PreprocessConfig, TensorSource, as_source, load_tensor, raw_images
-from ..embedding import embedding_module
+from ..passes.embedding import embedding_module
 from ..errors import DataError, ScoresError
 from ..structures import StructureMap
 from ._resolve import resolve_preprocessing

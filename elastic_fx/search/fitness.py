@@ -110,11 +110,11 @@ class PCACosineFitness:
     def __init__(self, dense: torch.Tensor, dim: Optional[int] = DEFAULT_PCA_DIM) -> None:
         dense = self._check_dense(dense)
         n, d = dense.shape
-        if dim is None:  # the full embedding space: centred, not projected
+        full = dim is None  # the full embedding space: centred, not projected
+        if full:
             dim = d
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise DataError(f"PCA dim={dim}; expected a positive number of components (e.g. 192).")
-        full = dim >= d
         effective = d if full else min(dim, n - 1, d)
         if effective < dim and not full:
             logger.warning(

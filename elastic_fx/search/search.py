@@ -185,8 +185,8 @@ def validate(cfg: SearchConfig, smap: StructureMap) -> None:
 
 
 #: The fewest images each part of the fitness split may have.
-MIN_SEARCH_IMAGES = 8
-MIN_SELECTION_IMAGES = 8
+MIN_SEARCH_IMAGES = 4
+MIN_SELECTION_IMAGES = 4
 
 
 def split_fitness_images(n: int, fraction: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -390,7 +390,8 @@ def search(
                 bar.update(1)
         if bar is not None:
             bar.close()
-        mean_z, top_entries = ctx.main_then_share(lambda: (es.mean, top.entries), "sharing the search result")
+        mean_z, top_entries, history, eta_sigma = ctx.main_then_share(
+            lambda: (es.mean, top.entries, history, es.eta_sigma), "sharing the search result")
         mean_search = float(on_search(np.asarray(mean_z)[None])[0]) if cfg.iterations else c1_search
 
         # 4. selection on held-out images
@@ -406,10 +407,10 @@ def search(
         local=local, c=best_c, layout=layout, sparsities=tuple(float(s) for s in cfg.sparsities), floors=cfg.floors,
         ranking=cfg.ranking, head_offset=float(cfg.head_offset), history=history, best_fitness=float(chosen[2]),
         mean_fitness=mean_search, selection=record, preprocess=preprocess,
-        config={**_jsonable(asdict(cfg)), "method": local.method, "pca_dim_used": None if fitness.full_space
-                else fitness.dim, "pca_error_share": held, "popsize": popsize, "search_seconds": round(t_search, 2),
+        config={**_jsonable(asdict(cfg)), "method": local.method, "pca_dim_requested": cfg.pca_dim,
+                "pca_dim": None if fitness.full_space else fitness.dim, "pca_error_share": held, "popsize": popsize, "search_seconds": round(t_search, 2),
                 "search_images": int(len(search_x)), "selection_images": int(len(select_x)),
-                "eta_sigma_used": es.eta_sigma if es is not None else None},
+                "eta_sigma_used": eta_sigma},
     )
 
 

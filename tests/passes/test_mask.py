@@ -14,15 +14,11 @@ import torch.nn.functional as F
 
 import elastic_fx as efx
 from elastic_fx.errors import DataError, SliceError
-from elastic_fx.keep import keep_tensors
+from elastic_fx.keep import keep_tensors, keeps_to_masks
 from elastic_fx.passes import _masked_modules as modules_mod
 from elastic_fx.passes.embedding import embedding_module
-from elastic_fx.passes.mask import (
-    MaskedModel,
-    build_masked,
-    keeps_to_masks,
-    masked_embeddings,
-)
+from elastic_fx.passes.mask import MaskedModel, build_masked
+from elastic_fx.search.evaluate import masked_embeddings
 from zoo import build, liven
 
 IMAGES = 3

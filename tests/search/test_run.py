@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import elastic_fx as efx
-from elastic_fx.search.run import SearchConfig, prune
+from elastic_fx.pipeline import SearchConfig, prune
 from zoo import build
 
 SPARSITIES = (0.2, 0.5)
@@ -32,30 +32,41 @@ def test_prune_returns_one_ranking_with_history(result, setup):
     assert len(result.history) == 3
     assert result.sparsities == SPARSITIES
     assert result.c.shape == (2 + 2 * 3,)  # 2 FFN factors + 6 heads
-    best = max(h["best"] for h in result.history)
-    assert result.best_fitness == pytest.approx(best)
-    assert all(h["best_so_far"] <= result.best_fitness + 1e-12 for h in result.history)
+    # the returned c is the selection winner; best_fitness is its search fitness
+    sel = result.selection
+    assert result.best_fitness == pytest.approx(sel["winner"]["search"])
+    assert sel["winner"]["selection"] >= sel["c1"]["selection"]
+    assert any(e["name"] == "c=1" for e in sel["pool"]) and any(e["name"] == "final mean" for e in sel["pool"])
+    if sel["chosen"] == "c=1":
+        assert np.allclose(result.c, 1.0)
+    assert max(h["best_so_far"] for h in result.history) >= max(h["best"] for h in result.history) - 1e-12
     assert 0 < result.best_fitness <= 1 and result.mean_fitness is not None
     assert result.config["popsize"] == 4 + int(np.floor(3 * np.log(8)))
 
 
 def test_best_candidate_fitness_is_reproducible_from_sliced_models(result, setup):
     """The fitness the search reports equals the PCA cosine of physically sliced models."""
-    from elastic_fx.embedding import embedding_module
+    from elastic_fx.passes.embedding import embedding_module
     from elastic_fx.search.fitness import PCACosineFitness
 
     model, images = setup
     gm = efx.trace(model, (images[:2],))
     smap = efx.discover(gm)
+    from elastic_fx.search.search import split_fitness_images
+
     x = images  # load_tensor passes preprocessed tensors through; 10 <= num_fitness_images
+    si, qi = split_fitness_images(len(x), config().selection_fraction, config().seed)
     with torch.no_grad():
         dense = embedding_module(gm, smap)(x)
-        fit = PCACosineFitness(dense, dim=6)
-        per_s = []
+        fit = PCACosineFitness(dense[si], dim=6)
+        per_s, per_q = [], []
         for s in SPARSITIES:
             small = efx.slice(gm, smap, result.keep(smap, s))
-            per_s.append(float(fit(embedding_module(small, efx.discover(small))(x)[None])[0]))
+            emb = embedding_module(small, efx.discover(small))(x)
+            per_s.append(float(fit(emb[si][None])[0]))
+            per_q.append(float(fit(emb[qi][None], dense=dense[qi])[0]))
     assert np.mean(per_s) == pytest.approx(result.best_fitness, abs=1e-4)
+    assert np.mean(per_q) == pytest.approx(result.selection["winner"]["selection"], abs=1e-4)
 
 
 def test_resume_gives_the_uninterrupted_result(result, setup, tmp_path):
@@ -96,8 +107,8 @@ def test_fewer_fitness_images_than_pca_dims_lowers_the_dimension(setup, caplog):
 
 
 def test_cka_initialisation_gives_an_spd_covariance_in_candidate_order(setup):
-    from elastic_fx.search.candidate import Layout
-    from elastic_fx.search.run import _cka_cov
+    from elastic_fx.scores import Layout
+    from elastic_fx.search.search import _cka_cov
 
     model, images = setup
     gm = efx.trace(model, (images[:2],))
