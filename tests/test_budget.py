@@ -466,3 +466,59 @@ def test_flops_masks_slice(vit) -> None:
     assert achieved(smap, keep)["flops"] <= 0.7 * smap.flops() * (1 + 1e-9)
     small = efx.slice(gm, smap, keep)
     assert sum(p.numel() for p in small.parameters()) == smap.params(keep)
+
+
+# ----------------------------------------------------------------------------- rankings
+def _removed_fractions(smap: StructureMap, keep) -> Tuple[float, float]:
+    """(fraction of head parameters removed, fraction of neuron parameters removed)."""
+    gone = {"heads": 0, "neurons": 0}
+    total = {"heads": 0, "neurons": 0}
+    for b in smap.blocks:
+        for kind, g in b.groups():
+            per = g.params_per_head if kind == "heads" else g.params_per_neuron
+            total[kind] += g.size * per
+            gone[kind] += (g.size - len(keep[b.index][kind])) * per
+    return gone["heads"] / total["heads"], gone["neurons"] / total["neurons"]
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.15, 0.3])
+def test_separate_ranking_splits_every_budget_between_the_kinds(offset) -> None:
+    smap = synthetic_map([(8, 64, True)] * 4)
+    # heads far more important than every neuron: the global ranking never touches a head
+    hs, ns = constant_scores(smap, head=1e6, neuron=1.0)
+    ns = {b: t + torch.rand(t.shape, generator=torch.Generator().manual_seed(b)) for b, t in ns.items()}
+    assert _removed_fractions(smap, budget_masks(smap, hs, ns, sparsity=0.4))[0] == 0.0
+    for s in (0.2, 0.4, 0.6):
+        keep = budget_masks(smap, hs, ns, sparsity=s, ranking="separate", head_offset=offset)
+        head_gone, neuron_gone = _removed_fractions(smap, keep)
+        assert achieved(smap, keep)["sparsity"] >= s
+        # heads trail neurons by the offset, up to one structure of either kind
+        step = 1 / 8 + 1 / 64
+        assert head_gone == pytest.approx(max(0.0, neuron_gone - offset), abs=step)
+
+
+def test_separate_ranking_keeps_the_order_within_a_kind_and_nests(smap) -> None:
+    hs, ns = random_scores(smap, 4)
+    walks = nested_masks(smap, hs, ns, [0.1, 0.3, 0.5], ranking="separate")
+    sets = [kept_set(k) for k in walks]
+    assert sets[2] < sets[1] < sets[0]
+    # within the neurons of one block the lower scores go first, as in the global ranking
+    for keep in walks:
+        for b, entry in keep.items():
+            gone = set(range(len(ns[b]))) - set(entry["neurons"])
+            if gone and entry["neurons"]:
+                assert max(float(ns[b][i]) for i in gone) <= min(float(ns[b][i]) for i in entry["neurons"])
+    # the ratio budget reads the same per-kind order under both rankings
+    assert budget_masks(smap, hs, ns, mlp_ratio=0.3, head_ratio=0.2, ranking="separate") == \
+        budget_masks(smap, hs, ns, mlp_ratio=0.3, head_ratio=0.2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"ranking": "sideways"}, "ranking='sideways' is not one of"),
+    ({"ranking": "separate", "head_offset": 1.0}, "head_offset"),
+    ({"ranking": "separate", "head_offset": -0.1}, "head_offset"),
+])
+def test_bad_ranking_options(smap, kwargs, match) -> None:
+    hs, ns = random_scores(smap)
+    with pytest.raises(BudgetError, match=match):
+        budget_masks(smap, hs, ns, sparsity=0.3, **kwargs)

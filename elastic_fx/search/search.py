@@ -172,6 +172,8 @@ def validate(cfg: SearchConfig, smap: StructureMap) -> None:
     if not (isinstance(cfg.selection_fraction, (int, float)) and 0 <= cfg.selection_fraction < 1):
         raise ConfigError(f"selection_fraction must be in [0, 1), got {cfg.selection_fraction!r}; "
                           "0 turns selection on held-out images off")
+    if cfg.selection_fraction > 0:
+        split_fitness_images(cfg.num_fitness_images, cfg.selection_fraction, cfg.seed)  # enough images for both parts?
     if not cfg.sparsities:
         raise BudgetError("give at least one search sparsity, e.g. sparsities=(0.1, 0.3, 0.5, 0.6)")
     top = max_sparsity(smap, cfg.floors)
