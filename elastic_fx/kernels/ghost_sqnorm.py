@@ -32,6 +32,12 @@ __all__ = ["ghost_sqnorm", "ghost_sqnorm_ref"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# (BLOCK_J, BLOCK_C, BLOCK_T, num_warps) on a GPU. fp32 dots run as three tf32 products
+# ("tf32x3"), whose split operands need more registers: BLOCK_T = 16 keeps them spill-free
+# on sm_80 (tests/kernels/test_compile.py checks every variant).
+_GPU_TILES = {torch.float32: (64, 64, 16, 4), torch.float16: (64, 64, 32, 4), torch.bfloat16: (64, 64, 32, 4)}
+_INTERPRETER_TILE = (16, 16, 16, 1)  # every program runs in Python: small tiles
+
 
 @triton.jit
 def _ghost_sqnorm_kernel(
@@ -69,7 +75,9 @@ def _ghost_sqnorm_kernel(
     g_b = g_ptr
     for _ in range(B):
         w = tl.zeros([BLOCK_J, BLOCK_C], dtype=tl.float32)  # this sample's gradient tile
-        g_sum = tl.zeros([BLOCK_J], dtype=tl.float32)
+        # per-token partial sums of G_b[:, j], reduced once after the token loop: a tl.sum
+        # inside the loop on the dot's own fp32 operand fails TritonGPUOptimizeThreadLocality
+        g_acc = tl.zeros([BLOCK_J, BLOCK_T], dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             t_mask = t < T
@@ -87,7 +95,8 @@ def _ghost_sqnorm_kernel(
                 g_t = g_t.to(tl.float32)
                 x_t = x_t.to(tl.float32)
             w = tl.dot(g_t, x_t, w, input_precision=PRECISION)
-            g_sum += tl.sum(g_t.to(tl.float32), axis=1)
+            g_acc += g_t.to(tl.float32)
+        g_sum = tl.sum(g_acc, axis=1)
         sq = w * w
         rows_acc += tl.sum(sq, axis=1)
         cols_acc += tl.sum(sq, axis=0)
@@ -155,11 +164,7 @@ def ghost_sqnorm(x: torch.Tensor, g: torch.Tensor, *, backend: str = "auto"
         return ghost_sqnorm_ref(x, g)
     B, T, n_in = x.shape
     n_out = g.shape[2]
-    if _INTERPRETED:
-        bj = bc = bt = 16
-        warps = 1
-    else:
-        bj, bc, bt, warps = 64, 64, 32, 4
+    bj, bc, bt, warps = _INTERPRETER_TILE if _INTERPRETED else _GPU_TILES[x.dtype]
     nj, nc = triton.cdiv(n_out, bj), triton.cdiv(n_in, bc)
     rows = torch.empty((nc, n_out), dtype=torch.float32, device=x.device)
     cols = torch.empty((nj, n_in), dtype=torch.float32, device=x.device)
