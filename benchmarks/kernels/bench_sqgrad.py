@@ -1,5 +1,7 @@
 """Benchmark of the fused squared-gradient accumulator (elastic_fx.kernels.sqgrad).
 
+Results go to benchmarks/results/kernels.md.
+
 What is timed, side by side in one run:
 
 * ``triton``  - ``sqgrad_accumulate_many``: every job of the workload in one batched call
@@ -31,13 +33,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from elastic_fx.kernels.sqgrad import (
-    SqgradJob,
-    SqgradPlan,
-    ghost_sqnorm,
-    ghost_sqnorm_ref,
-    sqgrad_accumulate_many,
-)
+from elastic_fx.kernels.ghost_sqnorm import ghost_sqnorm, ghost_sqnorm_ref
+from elastic_fx.kernels.sqgrad import SqgradJob, sqgrad_accumulate_many
 from elastic_fx.structures import ParamSlice
 
 
@@ -195,21 +192,18 @@ def measure(v: VitShape, dtype: torch.dtype, fisher: bool, only: Optional[str], 
     jobs = make_jobs(v, dtype, DEVICE, fisher, only)
     # correctness first: one fresh run of each implementation must agree
     a, b, c = fresh(jobs), fresh(jobs), fresh(jobs)
-    SqgradPlan(a, backend="triton").run([j.grad for j in a])
+    sqgrad_accumulate_many(a, backend="triton")
     eager(*eager_args(b))
     check_same(a, b)
     if comp is not None:
         comp(*eager_args(c))
         check_same(c, b)
     del a, b, c
-    plan = SqgradPlan(jobs, backend="triton")
-    grads = [j.grad for j in jobs]
     args = eager_args(jobs)
     nan = float("nan")
     t = {
-        "triton": time_cuda(lambda: plan.run(grads)),
-        "triton_gpu": time_graph(lambda: plan.run(grads)),
-        "many": time_cuda(lambda: sqgrad_accumulate_many(jobs, backend="triton")),
+        "triton": time_cuda(lambda: sqgrad_accumulate_many(jobs, backend="triton")),
+        "triton_gpu": time_graph(lambda: sqgrad_accumulate_many(jobs, backend="triton")),
         "eager": time_cuda(lambda: eager(*args)),
         "eager_gpu": time_graph(lambda: eager(*args)),
         "compile": time_cuda(lambda: comp(*args)) if comp else nan,
@@ -299,13 +293,13 @@ def markdown(result: dict) -> str:
                      "wall = do_bench per call (host included); GPU = CUDA-graph replay (host excluded).")
         lines.append("")
         lines.append("| model | workload | dtype | fisher | MiB | triton wall µs | triton GPU µs | GB/s GPU "
-                     "| % copy GPU | % copy wall | many() wall µs | eager wall µs | compile wall µs | × eager "
+                     "| % copy GPU | % copy wall | eager wall µs | compile wall µs | × eager "
                      "| × compile | × eager GPU | × compile GPU |")
-        lines.append("|---|---|---|---|" + "---:|" * 13)
+        lines.append("|---|---|---|---|" + "---:|" * 12)
         for r in result["rows"]:
             lines.append(f"| {r['model']} | {r['workload']} | {r['dtype']} | {'yes' if r['fisher'] else 'no'} "
                          f"| {r['mbytes']:.1f} | {r['triton_us']:.1f} | {r['triton_gpu_us']:.1f} | {r['gbps']:.0f} "
-                         f"| {r['pct_copy']:.0f} | {r['pct_copy_wall']:.0f} | {r['many_us']:.1f} "
+                         f"| {r['pct_copy']:.0f} | {r['pct_copy_wall']:.0f} "
                          f"| {r['eager_us']:.1f} | {r['compile_us']:.1f} | {r['x_eager']:.2f} | {r['x_compile']:.2f} "
                          f"| {r['x_eager_gpu']:.2f} | {r['x_compile_gpu']:.2f} |")
         lines.append("")

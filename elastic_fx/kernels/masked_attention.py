@@ -18,31 +18,27 @@ and spends no attention FLOPs on masked pairs:
 
 The op is forward-only: the search needs no gradient through it.
 
-Dispatch (``backend="auto"``): CUDA tensors go to Triton, CPU tensors to the reference;
-``ELASTIC_FX_FORCE_TRITON=1`` sends CPU tensors to Triton too, which then needs
-``TRITON_INTERPRET=1`` set before this module is imported (the test suite does that).
+Dispatch (``backend="auto"``, see :mod:`elastic_fx.kernels._dispatch`): CUDA tensors go
+to Triton, CPU tensors to the reference; ``ELASTIC_FX_FORCE_TRITON=1`` sends CPU tensors
+to Triton too, which then needs ``TRITON_INTERPRET=1`` set before this module is imported
+(the test suite does that).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._dispatch import _INTERPRETED, use_triton
+
 __all__ = ["masked_attention", "masked_attention_ref"]
 
-FORCE_TRITON_ENV = "ELASTIC_FX_FORCE_TRITON"
-BACKENDS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-# triton.jit picks the interpreter once, when the kernel is decorated (at import time),
-# so remember what it picked: forcing Triton on CPU tensors only works in that mode.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -72,7 +68,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     """Drop tiles far larger than the problem, or too large for shared memory.
 
     fp32 inputs use exact (non-tensor-core) dots: big fp32 tiles overflow shared memory
-    and take minutes to compile, so fp32 keeps the two smallest tiles.
+    and compile slowly, so fp32 keeps the two smallest tiles.
     """
     n_q, n_kv, block_d = named_args["N"], named_args["N_KV"], kwargs["BLOCK_D"]
     fp32 = named_args["q_ptr"].dtype == torch.float32
@@ -286,19 +282,8 @@ def _int32_addressable(t: torch.Tensor) -> torch.Tensor:
 
 
 def _use_triton(device: torch.device, backend: str) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"masked_attention: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "auto" and device.type != "cuda" and os.environ.get(FORCE_TRITON_ENV, "0") != "1":
-        return False
-    if device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(
-            f"masked_attention: the Triton backend got {device.type} tensors but Triton is not in "
-            "interpreter mode; set TRITON_INTERPRET=1 before importing elastic_fx, move the tensors "
-            "to a CUDA device, or use backend='torch'"
-        )
-    return True
+    """This op's backend choice (a module attribute, so tests can watch the decision)."""
+    return use_triton(device, backend, op="masked_attention")
 
 
 # --------------------------------------------------------------------------- public API

@@ -22,6 +22,7 @@ import importlib  # noqa: E402
 # elastic_fx.kernels.masked_attention is the public FUNCTION (the contract); the module
 # of the same name is reached through importlib.
 ma_module = importlib.import_module("elastic_fx.kernels.masked_attention")
+from elastic_fx.kernels import _dispatch  # noqa: E402
 from elastic_fx.kernels.masked_attention import masked_attention, masked_attention_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -219,15 +220,15 @@ def test_dispatch(monkeypatch):
     monkeypatch.setattr(ma_module, "masked_attention_ref", spy)
     q, k, v = _qkv((2, 1, 2, 5, 5, 16), torch.float32, device="cpu")
     keep = torch.ones(2, 2, dtype=torch.bool)
-    monkeypatch.delenv(ma_module.FORCE_TRITON_ENV, raising=False)
+    monkeypatch.delenv(_dispatch.FORCE_TRITON_ENV, raising=False)
 
     masked_attention(q, k, v, keep)  # auto + CPU -> reference
     assert calls == ["ref"]
     masked_attention(q, k, v, keep, backend="torch")
     assert calls == ["ref", "ref"]
-    if ma_module._INTERPRETED:
+    if _dispatch._INTERPRETED:
         masked_attention(q, k, v, keep, backend="triton")
-        monkeypatch.setenv(ma_module.FORCE_TRITON_ENV, "1")
+        monkeypatch.setenv(_dispatch.FORCE_TRITON_ENV, "1")
         masked_attention(q, k, v, keep)  # auto + forced -> Triton interpreter
         assert calls == ["ref", "ref"]
     else:
