@@ -86,7 +86,7 @@ import torch.nn.functional as F
 
 import elastic_fx as efx
 from elastic_fx.data import LabelledData, load_labelled, to_model_input
-from elastic_fx.evaluate import LinearProbeConfig, evaluate_budgets, evaluate_features
+from elastic_fx.evaluate import LinearProbeConfig, evaluate_budgets, evaluate_features, knn_top1
 from elastic_fx.passes.embedding import embedding_module
 from elastic_fx.pipeline import SearchConfig, prune
 from elastic_fx.scores import Layout, LocalScores
@@ -96,44 +96,63 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / ".." / "shared" / "assets"
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.243, 0.261)
-METHODS = ("elastic", "fisher", "magnitude", "lamp", "snip", "random", "tp_taylor", "tp_hessian", "tp_taylor_ffn")
+METHODS = ("elastic", "fisher", "fisher_sep", "magnitude", "lamp", "snip", "random", "tp_taylor", "tp_hessian")
 LABELS = {
-    "elastic": "elastic_fx (xNES)", "fisher": "fisher-only (no search)", "magnitude": "magnitude", "lamp": "LAMP",
+    "elastic": "elastic_fx (xNES)", "fisher": "fisher-only (no search)",
+    "fisher_sep": "fisher-only, heads and neurons ranked apart", "magnitude": "magnitude", "lamp": "LAMP",
     "snip": "SNIP-magnitude", "random": "random", "tp_taylor": "Torch-Pruning Taylor",
     "tp_hessian": "Torch-Pruning Hessian", "tp_taylor_ffn": "Torch-Pruning Taylor, FFN only",
 }
 #: Torch-Pruning variants: method -> (importance, prune heads too)
 TP_VARIANTS = {"tp_taylor": ("taylor", True), "tp_hessian": ("hessian", True), "tp_taylor_ffn": ("taylor", False)}
-REPORT_DATE = "2026-11-23"
+#: Ablation name -> (what it changes, SearchConfig overrides).
+ABLATIONS = {
+    "all_on": ("every change on (the default search, at ablation size)", {}),
+    "linear_space": ("item 1 off: the linear space c = z from the 1.2 -> 0.8 ramp, spread 1, xNES step-size rate",
+                     {"space": "linear", "eta_sigma": "xnes"}),
+    "pca_192": ("item 4 off: PCA to 192 dims, capped at the search images - 1 (the old default)", {"pca_dim": 192}),
+    "separate": ("item 5: heads and neurons ranked apart (reference split, head offset 0.15)", {"ranking": "separate"}),
+    "cka": ("item 6 on: CKA initial covariance", {"cka_init": True}),
+    "sigma_0.1": ("initial spread 0.1", {"sigma0": 0.1}),
+    "sigma_0.5": ("initial spread 0.5", {"sigma0": 0.5}),
+}
+REPORT_DATE = "2026-12-06"
 #: QualityConfig fields that change a cached result (the cache folder is keyed by them)
-FINGERPRINT_FIELDS = ("grad_images", "batch_size", "fitness_images", "heldout_images", "pca_dim", "popsize",
-                      "search_sparsities", "nsp_ablation", "generations", "knn_train", "knn_test", "k", "linear_epochs",
-                      "seed")
+FINGERPRINT_FIELDS = ("grad_images", "batch_size", "fitness_images", "pca_dim", "popsize", "search_sparsities",
+                      "generations", "ablation_generations", "ablation_popsize", "val_ref", "val_query", "knn_train",
+                      "knn_test", "k", "linear_epochs", "seed")
 
 
 # ============================================================================ configuration
 @dataclass
 class QualityConfig:
-    """Everything that defines one benchmark run (recorded in quality.json)."""
+    """Everything that defines one benchmark run (written into the report)."""
 
-    sparsities: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    sparsities: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7)
     methods: Tuple[str, ...] = METHODS
-    grad_images: int = 256  # DINO / SNIP / Torch-Pruning gradient images
+    grad_images: int = 512  # DINO / SNIP / Torch-Pruning gradient images
     batch_size: int = 16  # gradient pass (16 images x 12 crops)
-    fitness_images: int = 32
-    heldout_images: int = 256  # fitness of every search variant on images the search never saw
-    pca_dim: int = 192  # clamped to fitness_images - 1
-    popsize: int = 8  # 0: the xNES default 4 + floor(3 ln d) (15 for 6 blocks x 6 heads)
-    generations: int = 50  # the "elastic" method
+    fitness_images: int = 256  # the search's fitness images: it holds half out for selection
+    pca_dim: Any = "auto"  # SearchConfig.pca_dim of the main search
+    popsize: int = 0  # 0: the xNES default 4 + floor(3 ln d) (15 for 6 blocks x 6 heads)
+    generations: int = 20  # the "elastic" method
     search_sparsities: Tuple[float, ...] = (0.1, 0.3, 0.5, 0.6)
-    gen_ablation: Tuple[int, ...] = (0, 10, 50, 200)
-    nsp_ablation: Tuple[Tuple[float, ...], ...] = ((0.5,), (0.3, 0.6), (0.1, 0.3, 0.5, 0.6))
-    ablation_sparsities: Tuple[float, ...] = (0.3, 0.5, 0.6, 0.7)
-    knn_train: int = 2000  # train images in the k-NN reference set (0: all)
+    # ablations: separate, smaller searches (their own generations / population), each one setting changed
+    ablations: Tuple[str, ...] = ("all_on", "linear_space", "pca_192", "separate", "cka", "sigma_0.1", "sigma_0.5")
+    ablation_generations: int = 8
+    ablation_popsize: int = 8
+    ablation_sparsities: Tuple[float, ...] = (0.5, 0.6, 0.65, 0.7)
+    # does the proxy predict accuracy? candidates of the main search vs k-NN on held-out TRAIN images
+    proxy_candidates: int = 30
+    proxy_sparsities: Tuple[float, ...] = (0.5, 0.6, 0.7)
+    val_ref: int = 600  # validation k-NN reference images (train split, disjoint from gradient / fitness images)
+    val_query: int = 300  # validation k-NN queries (train split)
+    knn_train: int = 0  # train images in the k-NN reference set (0: all)
     knn_test: int = 0  # test images (0: all)
     k: int = 20
     linear_epochs: int = 100  # 0: no linear probe
-    latency_methods: Tuple[str, ...] = ("elastic", "magnitude", "tp_taylor")
+    bootstrap: int = 2000  # paired bootstrap resamples of the test images
+    latency_methods: Tuple[str, ...] = ()
     latency_batches: Tuple[int, ...] = (1, 64)
     latency_iters: int = 10
     latency_sparsities: Tuple[float, ...] = ()  # (): 0 and every sparsity
@@ -145,22 +164,21 @@ class QualityConfig:
 
 def quick_config() -> QualityConfig:
     """< 2 minutes on 2 idle cores: the same pipeline, smaller everywhere."""
-    return QualityConfig(sparsities=(0.3, 0.5, 0.7), grad_images=16, fitness_images=16, heldout_images=32, popsize=6,
-                         generations=3,
-                         gen_ablation=(0, 1, 3), nsp_ablation=((0.5,), (0.3, 0.6), (0.1, 0.3, 0.5, 0.6)),
-                         ablation_sparsities=(0.5,), knn_train=500, knn_test=300, linear_epochs=30,
-                         latency_methods=("elastic",), latency_batches=(1, 64), latency_iters=5,
-                         latency_sparsities=(0.0, 0.5))
+    return QualityConfig(sparsities=(0.5, 0.7), methods=("elastic", "fisher", "magnitude"), grad_images=32,
+                         fitness_images=32, popsize=6, generations=3, ablations=("all_on", "linear_space"),
+                         ablation_generations=2, ablation_popsize=4, ablation_sparsities=(0.6,), proxy_candidates=6,
+                         proxy_sparsities=(0.6,), val_ref=200, val_query=100, knn_train=500, knn_test=300,
+                         linear_epochs=10, bootstrap=500)
 
 
 def smoke_config() -> QualityConfig:
     """Seconds, on a tiny random ViT: exercises every stage (what the test runs)."""
-    return QualityConfig(sparsities=(0.3, 0.6), grad_images=4, batch_size=4, fitness_images=6, heldout_images=6,
-                         popsize=4,
-                         generations=2, search_sparsities=(0.3, 0.6), gen_ablation=(0, 1, 2),
-                         nsp_ablation=((0.5,), (0.3, 0.6)), ablation_sparsities=(0.6,), knn_train=0, knn_test=0,
-                         k=3, linear_epochs=2, latency_methods=("elastic",), latency_batches=(2,), latency_iters=2,
-                         latency_sparsities=(0.6,), eval_batch_size=64, threads=1,
+    return QualityConfig(sparsities=(0.3, 0.6), grad_images=4, batch_size=4, fitness_images=8, popsize=4,
+                         generations=2, search_sparsities=(0.3, 0.6), ablations=("all_on", "linear_space"),
+                         ablation_generations=1, ablation_popsize=4, ablation_sparsities=(0.6,), proxy_candidates=4,
+                         proxy_sparsities=(0.6,), val_ref=6, val_query=4, knn_train=0, knn_test=0, k=3,
+                         linear_epochs=2, bootstrap=200, latency_methods=("elastic",), latency_batches=(2,),
+                         latency_iters=2, latency_sparsities=(0.6,), eval_batch_size=64, threads=1,
                          onnx_exporter="torchscript")
 
 
@@ -177,7 +195,9 @@ class Setup:
     grad_x: torch.Tensor  # preprocessed float [G, 3, H, W]
     grad_y: torch.Tensor
     fit_x: torch.Tensor
-    held_x: torch.Tensor  # held-out fitness images (never seen by the search)
+    val_x: torch.Tensor  # validation images (train split, disjoint from the above): reference, then queries
+    val_y: torch.Tensor
+    n_val_ref: int
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     image_size: Optional[int]
@@ -198,19 +218,18 @@ def _subsample(n_total: int, n: int) -> np.ndarray:
     return np.linspace(0, n_total - 1, n).round().astype(int)
 
 
-def _split(data: LabelledData, cfg: QualityConfig, mean, std, size) -> Tuple[LabelledData, torch.Tensor, ...]:
-    """Evaluation subset + disjoint gradient, fitness and held-out images drawn from the train split."""
+def _split(data: LabelledData, cfg: QualityConfig, mean, std, size) -> Tuple[Any, ...]:
+    """Evaluation subset + disjoint gradient, fitness and validation images drawn from the train split."""
     perm = np.random.default_rng(cfg.seed).permutation(len(data.y_train))
-    g_idx = np.sort(perm[: cfg.grad_images])
-    f_idx = np.sort(perm[cfg.grad_images: cfg.grad_images + cfg.fitness_images])
-    n_used = cfg.grad_images + cfg.fitness_images
-    h_idx = np.sort(perm[n_used: n_used + cfg.heldout_images])
+    cuts = np.cumsum([cfg.grad_images, cfg.fitness_images, cfg.val_ref, cfg.val_query])
+    g_idx, f_idx, v_idx = np.sort(perm[: cuts[0]]), np.sort(perm[cuts[0]: cuts[1]]), perm[cuts[1]: cuts[3]]
     grad_x = to_model_input(data.x_train[g_idx], mean, std, size)
     fit_x = to_model_input(data.x_train[f_idx], mean, std, size)
-    held_x = to_model_input(data.x_train[h_idx], mean, std, size)
+    val_x = to_model_input(data.x_train[v_idx], mean, std, size)
     tr, te = _subsample(len(data.y_train), cfg.knn_train), _subsample(len(data.y_test), cfg.knn_test)
     evald = LabelledData(data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te], data.class_names)
-    return evald, grad_x, torch.as_tensor(data.y_train[g_idx]).long(), fit_x, held_x
+    return (evald, grad_x, torch.as_tensor(data.y_train[g_idx]).long(), fit_x, val_x,
+            torch.as_tensor(data.y_train[v_idx]).long(), min(cfg.val_ref, len(v_idx)))
 
 
 def cifar_setup(cfg: QualityConfig, assets: Path) -> Setup:
@@ -222,12 +241,12 @@ def cifar_setup(cfg: QualityConfig, assets: Path) -> Setup:
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     data = load_labelled(assets / "cifar10-subset" / "cifar10_subset.npz")
-    evald, gx, gy, fx, hx = _split(data, cfg, CIFAR_MEAN, CIFAR_STD, None)
-    gm = efx.trace(model, (gx[:2],))
+    parts = _split(data, cfg, CIFAR_MEAN, CIFAR_STD, None)
+    gm = efx.trace(model, (parts[1][:2],))
     cfgd = ckpt["config"]
     name = (f"timm ViT (img {cfgd['img_size']}, patch {cfgd['patch_size']}, dim {cfgd['embed_dim']}, depth "
             f"{cfgd['depth']}, {cfgd['num_heads']} heads) trained on the CIFAR-10 subset")
-    return Setup(name, model, gm, efx.discover(gm), evald, gx, gy, fx, hx, CIFAR_MEAN, CIFAR_STD, None)
+    return Setup(name, model, gm, efx.discover(gm), *parts, CIFAR_MEAN, CIFAR_STD, None)
 
 
 def smoke_setup(cfg: QualityConfig) -> Setup:
@@ -238,33 +257,29 @@ def smoke_setup(cfg: QualityConfig) -> Setup:
     model = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2,
                                                              num_heads=4, mlp_ratio=2, num_classes=4).eval()
     rng = np.random.default_rng(cfg.seed)
-    y_tr, y_te = np.arange(24) % 4, np.arange(12) % 4
-    x_tr = (rng.integers(0, 256, (24, 16, 16, 3)) // 2 + (y_tr * 40)[:, None, None, None]).astype(np.uint8)
+    y_tr, y_te = np.arange(36) % 4, np.arange(12) % 4
+    x_tr = (rng.integers(0, 256, (36, 16, 16, 3)) // 2 + (y_tr * 40)[:, None, None, None]).astype(np.uint8)
     x_te = (rng.integers(0, 256, (12, 16, 16, 3)) // 2 + (y_te * 40)[:, None, None, None]).astype(np.uint8)
     data = LabelledData(x_tr, y_tr, x_te, y_te, ["a", "b", "c", "d"])
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    evald, gx, gy, fx, hx = _split(data, cfg, mean, std, None)
-    gm = efx.trace(model, (gx[:2],))
-    return Setup("tiny random timm ViT (smoke)", model, gm, efx.discover(gm), evald, gx, gy, fx, hx, mean, std, None)
+    parts = _split(data, cfg, mean, std, None)
+    gm = efx.trace(model, (parts[1][:2],))
+    return Setup("tiny random timm ViT (smoke)", model, gm, efx.discover(gm), *parts, mean, std, None)
 
 
 def user_setup(cfg: QualityConfig, args: argparse.Namespace) -> Setup:
     """``--model`` with ``--train/--test`` folders or ``--data file.npz`` (e.g. ImageNet-1k + ViT-B/16)."""
-    from elastic_fx.data import PREPROCESS_META
+    from elastic_fx.data import resolve_preprocess
     from elastic_fx.models import load_model
     from elastic_fx.tracing import default_example_inputs
 
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint).eval()
     gm = efx.trace(model, default_example_inputs(model))
-    pre = gm.meta.get(PREPROCESS_META)
-    if pre is None:
-        raise efx.DataError(f"{args.model} carries no preprocessing config; this benchmark needs one "
-                            "(a timm / Hugging Face / torchvision model).")
+    pre = resolve_preprocess(gm)
     size = pre.input_size[0]
     data = load_labelled(args.data) if args.data else load_labelled(args.train, args.test, image_size=size)
-    evald, gx, gy, fx, hx = _split(data, cfg, pre.mean, pre.std, size)
-    return Setup(args.model, model, gm, efx.discover(gm), evald, gx, gy, fx, hx, tuple(pre.mean), tuple(pre.std),
-                 size)
+    parts = _split(data, cfg, pre.mean, pre.std, size)
+    return Setup(args.model, model, gm, efx.discover(gm), *parts, tuple(pre.mean), tuple(pre.std), size)
 
 
 def use_calibration_folder(setup: Setup, cfg: QualityConfig, folder: str) -> None:
@@ -376,67 +391,30 @@ def _local(setup: Setup, cfg: QualityConfig, cache: Cache, method: str, log: Log
     return ls
 
 
-def _search(setup: Setup, cfg: QualityConfig, local: LocalScores, iterations: int, sparsities: Sequence[float],
-            ckpt: Path, log: Log, stage: str):
-    """``efx.prune`` continued from ``ckpt`` (the same trajectory gives every generation count)."""
-    resume = (ckpt / "search_checkpoint.pt").is_file()
-    sc = SearchConfig(num_fitness_images=len(setup.fit_x), pca_dim=min(cfg.pca_dim, len(setup.fit_x) - 1),
-                      popsize=cfg.popsize or None, batch_size=cfg.batch_size)
-    t0 = time.perf_counter()
-    scores = prune(setup.gm, setup.grad_x, iterations=iterations, sparsities=sparsities,
-                   fitness_images=setup.fit_x, seed=cfg.seed, checkpoint_dir=str(ckpt), resume=resume, config=sc,
-                   local=local, progress=False)
-    log.stage(stage, time.perf_counter() - t0)
-    log(f"search {list(sparsities)} to {iterations} generations: best fitness {scores.best_fitness:.4f} "
-        f"({time.perf_counter() - t0:.1f}s)")
-    return scores
+def _search(setup: Setup, cfg: QualityConfig, local: LocalScores, name: str, cache: Cache, log: Log,
+            iterations: int, popsize: int, **overrides: Any):
+    """One ``efx.prune`` search, cached as ``search_{name}.efx``; ``overrides`` change SearchConfig fields.
 
-
-def search_generations(setup: Setup, cfg: QualityConfig, cache: Cache, dino: LocalScores, g: int, log: Log):
-    """The main trajectory (search sparsities ``cfg.search_sparsities``) after ``g`` generations.
-
-    Call with increasing ``g``: each run continues the previous one from its checkpoint,
-    so the first generations are shared and cost nothing twice.
+    The factor vectors of its selection pool go to the cache (``pool/{name}``), and its whole
+    trajectory (every candidate with its search fitness) to ``trajectory/{name}``.
     """
-    path = cache.dir / f"elastic_gen{g}.efx"
-    if not path.is_file():
-        ckpt = cache.dir / ("search_main" if g > 0 else "search_gen0")  # 0: the local ranking and its fitness
-        scores = _search(setup, cfg, dino, g, cfg.search_sparsities, ckpt, log, "search: main trajectory")
-        scores.save(path)
-    return efx.ElasticScores.load(path, setup.smap)
-
-
-def search_sparsity_set(setup: Setup, cfg: QualityConfig, cache: Cache, dino: LocalScores, sps: Sequence[float],
-                        log: Log):
-    """A separate search of ``cfg.generations`` generations over the search sparsities ``sps``."""
-    path = cache.dir / f"elastic_nsp{len(sps)}.efx"
-    if not path.is_file():
-        scores = _search(setup, cfg, dino, cfg.generations, sps, cache.dir / f"search_nsp{len(sps)}", log,
-                         "search: sparsity-set ablation")
-        scores.save(path)
-    return efx.ElasticScores.load(path, setup.smap)
-
-
-def heldout_fitness(setup: Setup, cfg: QualityConfig, cache: Cache, key: str, scores: Any, log: Log) -> None:
-    """The search's own objective (PCA cosine to the dense embeddings, averaged over the search
-    sparsities) of one ranking, on held-out train images the search never saw."""
-    name = f"heldout/{key.replace(':', '')}"
-    if cache.get(name) is not None or len(setup.held_x) < 3:
-        return
-    from elastic_fx.passes.mask import build_masked
-    from elastic_fx.search.evaluate import masked_embeddings
-    from elastic_fx.search.fitness import PCACosineFitness
-
+    path = cache.dir / f"search_{name}.efx"
+    if path.is_file() and cache.get(f"pool/{name}") is not None:
+        return efx.ElasticScores.load(path, setup.smap)
+    sc = SearchConfig(**{"num_fitness_images": len(setup.fit_x), "pca_dim": cfg.pca_dim,
+                         "popsize": popsize or None, "batch_size": cfg.batch_size, "seed": cfg.seed, **overrides})
+    record: list = []
     t0 = time.perf_counter()
-    with torch.no_grad():
-        dense = embedding_module(setup.gm, setup.smap)(setup.held_x).float()
-    fitness = PCACosineFitness(dense, dim=min(cfg.pca_dim, cfg.fitness_images - 1))
-    keeps = [scores.keep(setup.smap, s) for s in cfg.search_sparsities]
-    emb = masked_embeddings(build_masked(setup.gm, setup.smap), setup.held_x, keeps, batch_size=64)
-    value = float(fitness(emb.float()).mean())
-    cache.put(name, value)
-    log.stage("held-out fitness", time.perf_counter() - t0)
-    log(f"held-out fitness of {key}: {value:.4f}")
+    scores = prune(setup.gm, setup.grad_x, iterations=iterations, sparsities=cfg.search_sparsities,
+                   fitness_images=setup.fit_x, config=sc, local=local, progress=False, callback=record.append)
+    log.stage(f"search: {name}", time.perf_counter() - t0)
+    log(f"search {name} ({iterations} generations, {time.perf_counter() - t0:.0f}s): {scores.selection['summary']}")
+    scores.save(path)
+    sel = [r for r in record if r["phase"] == "selection"]
+    cache.put(f"pool/{name}", sel[0]["factors"].tolist() if sel else [])
+    cache.put(f"trajectory/{name}", [{"generation": r["generation"], "factors": r["factors"].tolist(),
+                                      "fitness": r["fitness"].tolist()} for r in record if r["phase"] == "generation"])
+    return scores
 
 
 # ============================================================================ Torch-Pruning
@@ -536,6 +514,7 @@ def _linear(cfg: QualityConfig) -> Optional[LinearProbeConfig]:
 
 def _row(acc: Dict[str, Any], sparsity: float, params: int, seconds: float, **extra: Any) -> Dict[str, Any]:
     return {"sparsity": sparsity, "params": params, "knn": acc["knn_top1"], "linear": acc.get("linear_top1"),
+            "knn_correct": _bits(acc.get("knn_correct")), "linear_correct": _bits(acc.get("linear_correct")),
             "seconds": round(seconds, 2), **extra}
 
 
@@ -553,6 +532,7 @@ def eval_scores(setup: Setup, cfg: QualityConfig, cache: Cache, name: str, score
         keep = scores.keep(setup.smap, r.target_sparsity)
         row = {"sparsity": r.sparsity, "params": r.params, "gflops": r.gflops, "knn": r.knn_top1,
                "linear": r.linear_top1, "seconds": round(r.seconds, 2),
+               "knn_correct": _bits(r.knn_correct), "linear_correct": _bits(r.linear_correct),
                "kept_heads": [len(keep[b.index].get("heads", [])) for b in setup.smap.blocks],
                "kept_neurons": [len(keep[b.index].get("neurons", [])) for b in setup.smap.blocks]}
         cache.put(f"eval/{name}/{r.target_sparsity:.2f}", row)
@@ -700,7 +680,7 @@ def _plots(out: Path, cache: Cache, cfg: QualityConfig, variants: Dict[str, Any]
                     ys.append(r[metric])
             if ys[0] is None:
                 xs, ys = xs[1:], ys[1:]
-            ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=LABELS[m],
+            ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=LABELS.get(m, m),
                     lw=2.2 if m == "elastic" else 1.2, ls="--" if m.startswith("tp_") else "-")
         ax.set_xlabel("sparsity (% of block parameters removed)")
         ax.set_ylabel(label)
@@ -711,87 +691,44 @@ def _plots(out: Path, cache: Cache, cfg: QualityConfig, variants: Dict[str, Any]
     plt.close(fig)
     made.append("quality_sparsity.png")
 
-    batch = max(cfg.latency_batches)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for m in cfg.latency_methods:
-        pts = []
-        for s in (0.0,) + tuple(cfg.sparsities):
-            lat = cache.get(f"latency/{m}/{s:.2f}") or {}
-            acc = dense if s == 0.0 else cache.get(f"eval/{m}/{s:.2f}") or {}
-            if lat.get(f"b{batch}_ms") is not None and acc.get("knn") is not None:
-                pts.append((lat[f"b{batch}_ms"], 100 * acc["knn"]))
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=LABELS.get(m, m))
-    ax.set_xlabel(f"ONNX Runtime CPU latency, batch {batch} (ms)")
-    ax.set_ylabel("k-NN top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _atomic_figure(fig, out / "quality_latency.png")
-    plt.close(fig)
-    made.append("quality_latency.png")
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    gens = sorted({int(k.split(":")[1]) for k in variants if k.startswith("gen:")})
-    for s in cfg.ablation_sparsities:
-        ys = [(cache.get(f"eval/gen{g}/{s:.2f}") or {}).get("knn") for g in gens]
-        if all(y is not None for y in ys):
-            axes[0].plot(range(len(gens)), [100 * y for y in ys], marker="o", label=f"{s:.0%}")
-    axes[0].set_xticks(range(len(gens)), [str(g) for g in gens])
-    axes[0].set_xlabel("xNES generations")
-    axes[0].set_ylabel("k-NN top-1 (%)")
-    axes[0].legend(title="sparsity", fontsize=8)
-    nsps = sorted({int(k.split(":")[1]) for k in variants if k.startswith("nsp:")})
-    for s in cfg.ablation_sparsities:
-        ys = [(cache.get(f"eval/nsp{n}/{s:.2f}") or {}).get("knn") for n in nsps]
-        if all(y is not None for y in ys):
-            axes[1].plot(range(len(nsps)), [100 * y for y in ys], marker="o", label=f"{s:.0%}")
-    axes[1].set_xticks(range(len(nsps)), [str(n) for n in nsps])
-    axes[1].set_xlabel("number of search sparsities")
-    axes[1].legend(title="sparsity", fontsize=8)
-    last = variants.get(f"gen:{max(gens)}") if gens else None
-    if last is not None and last.history:
-        h = last.history
-        axes[2].plot([r["generation"] + 1 for r in h], [r["best_so_far"] for r in h], label="best so far")
-        axes[2].plot([r["generation"] + 1 for r in h], [r["mean"] for r in h], alpha=0.6, label="population mean")
-        base = variants.get("gen:0")
-        if base is not None and base.best_fitness is not None:
-            axes[2].axhline(base.best_fitness, color="k", ls="--", lw=1, label="fisher-only ranking (c = 1)")
-        axes[2].set_xlabel("generation")
-        axes[2].set_ylabel("fitness (PCA cosine)")
-        axes[2].legend(fontsize=8)
-    for ax in axes:
+    traj = cache.get("trajectory/main") or []
+    if traj:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        g = [t["generation"] + 1 for t in traj]
+        ax.plot(g, [max(t["fitness"]) for t in traj], label="best of generation")
+        ax.plot(g, [float(np.mean(t["fitness"])) for t in traj], alpha=0.6, label="population mean")
+        c1 = (cache.get("selection/main") or {}).get("c1", {}).get("search")
+        if c1 is not None:
+            ax.axhline(c1, color="k", ls="--", lw=1, label="c = 1 (no search)")
+        ax.set_xlabel("generation")
+        ax.set_ylabel("search fitness")
         ax.grid(alpha=0.3)
-    fig.suptitle("ablations")
-    _atomic_figure(fig, out / "quality_ablations.png")
-    plt.close(fig)
-    made.append("quality_ablations.png")
+        ax.legend(fontsize=8)
+        _atomic_figure(fig, out / "quality_search.png")
+        plt.close(fig)
+        made.append("quality_search.png")
     return made
 
 
-def _claims(values: Dict[str, Dict[float, Optional[float]]], sparsities: Sequence[float]) -> List[str]:
-    """The paper's claims, checked on the numbers of this run."""
+def _claims(ci: Dict[str, Dict[float, Any]], sparsities: Sequence[float]) -> List[str]:
+    """The issue's goal, checked on the intervals of this run (k-NN points)."""
     lines = []
-    el = values.get("elastic", {})
-    fi = values.get("fisher", {})
-    if el and fi:
-        diffs = {s: el[s] - fi[s] for s in sparsities if el.get(s) is not None and fi.get(s) is not None}
-        worse = {s: d for s, d in diffs.items() if d < 0}
-        hi = [d for s, d in diffs.items() if 0.4 <= s <= 0.6]
-        lines.append(f"* elastic (xNES) >= fisher-only at every sparsity: **{'yes' if not worse else 'no'}** "
-                     f"(elastic - fisher, k-NN points: "
-                     + ", ".join(f"{s:.0%} {100 * d:+.1f}" for s, d in diffs.items()) + ")")
-        if hi:
-            lines.append(f"* clearly better at 40-60 %: mean difference {100 * np.mean(hi):+.1f} points "
-                         "(paper: +6.9 at 50 % for DINO ViT-B/16)")
-    for other in ("magnitude", "lamp", "snip", "tp_taylor", "tp_hessian", "tp_taylor_ffn", "random"):
-        ov = values.get(other, {})
-        if not el or not ov:
-            continue
-        diffs = {s: el[s] - ov[s] for s in sparsities if s >= 0.3 and el.get(s) is not None and ov.get(s) is not None}
-        if diffs:
-            beats = all(d > 0 for d in diffs.values())
-            lines.append(f"* elastic beats {LABELS[other]} at every sparsity >= 30 %: **{'yes' if beats else 'no'}** ("
-                         + ", ".join(f"{s:.0%} {100 * d:+.1f}" for s, d in diffs.items()) + ")")
+    fi = ci.get("fisher", {})
+    if fi:
+        ok_all = all(lo > -0.01 for _, lo, _ in fi.values())
+        high = [s for s in (0.5, 0.6, 0.65, 0.7) if s in fi]
+        strict = [s for s in high if fi[s][1] > 0]
+        lines.append(f"* elastic >= fisher-only at every sparsity (lower end of the interval > -1 point): "
+                     f"**{'yes' if ok_all else 'no'}** (lowest lower end {100 * min(lo for _, lo, _ in fi.values()):+.1f})")
+        lines.append(f"* strictly better (interval above 0) at two or more of 50/60/65/70 %: "
+                     f"**{'yes' if len(strict) >= 2 else 'no'}** (above 0 at: "
+                     f"{', '.join(f'{s:.0%}' for s in strict) or 'none'})")
+    for other in ("magnitude", "lamp", "snip", "tp_taylor", "tp_hessian"):
+        ov = {s: v for s, v in ci.get(other, {}).items() if s >= 0.5}
+        if ov:
+            ok = all(d >= 0 for d, _, _ in ov.values())
+            lines.append(f"* elastic >= {LABELS[other]} at every sparsity >= 50 %: **{'yes' if ok else 'no'}** ("
+                         + ", ".join(f"{s:.0%} {100 * d:+.1f}" for s, (d, _, _) in ov.items()) + ")")
     return lines
 
 
@@ -809,9 +746,14 @@ def _protocol_notes(setup: Setup, cfg: QualityConfig) -> List[str]:
     n_test = max(1, len(setup.data.y_test))
     lines = ["## How the methods were run", "",
              f"* **elastic_fx (xNES)**: `efx.prune(gm, images, iterations={cfg.generations}, "
-             f"sparsities={list(cfg.search_sparsities)}, local=<the DINO local scores>)` with "
-             f"{cfg.fitness_images} fitness images, PCA to {min(cfg.pca_dim, cfg.fitness_images - 1)} dimensions, "
-             f"population {cfg.popsize or 'default (4 + floor(3 ln d))'}; one ranking for every sparsity.",
+             f"sparsities={list(cfg.search_sparsities)}, local=<the DINO local scores>)` with the default "
+             f"SearchConfig: {cfg.fitness_images} fitness images, split (seeded) into a search half and a selection "
+             f"half; log-space factors c = exp(z) started at c = 1; PCA size `{cfg.pca_dim}`; global ranking; "
+             f"population {cfg.popsize or 'default (4 + floor(3 ln d))'}; the winner is chosen on the selection "
+             "half among c = 1, the final mean and the 8 best candidates by search fitness. One ranking for every "
+             "sparsity.",
+             "* **fisher-only, heads and neurons ranked apart**: the same local scores, c = 1, `ranking=\"separate\"` "
+             "(the reference code's split: head removal trails neuron removal by 0.15).",
              f"* **fisher-only**: the same DINO local scores (squared gradients of the DINO multi-crop loss, "
              f"2 global + 10 local crops, {cfg.grad_images} images in batches of {cfg.batch_size}), ranked without "
              "search (`ElasticScores.from_local`, c = 1). The DINO scores are computed once and reused by every "
@@ -843,14 +785,12 @@ def _protocol_notes(setup: Setup, cfg: QualityConfig) -> List[str]:
             "neurons (checked in tests/test_bench_quality.py), so all methods differ only in what they keep.",
         ]
     lines += ["", "Departures from the paper's protocol (CPU budget): "
-              f"{cfg.grad_images} gradient images [paper: 1000]; {cfg.fitness_images} fitness images [1000] and PCA "
-              f"to {min(cfg.pca_dim, cfg.fitness_images - 1)} dims [192]; xNES population {cfg.popsize or 'default'} "
-              f"[4 + floor(3 ln d) = {4 + int(3 * math.log(d))} here]; {len(setup.smap.blocks)} blocks, d = {d} search "
-              f"dimensions [ImageNet ViT-B/16: d = 156]; the k-NN reference set has {len(setup.data.y_train)} "
-              "images and "
-              f"the test set {n_test}, so one accuracy has a standard error of up to "
-              f"{100 * math.sqrt(0.25 / n_test):.1f} points (two prunings of the same model scored on the same images "
-              "differ by less noise, but differences of about one point are not significant).", ""]
+              f"{cfg.grad_images} gradient images [paper: 1000]; {cfg.fitness_images} fitness images [1000]; "
+              f"{cfg.generations} generations [50]; {len(setup.smap.blocks)} blocks, d = {d} search dimensions "
+              f"[ImageNet ViT-B/16: d = 156]; population {cfg.popsize or 4 + int(3 * math.log(d))}. The k-NN "
+              f"reference set has {len(setup.data.y_train)} images and the test set {n_test}: one accuracy has a "
+              f"standard error of up to {100 * math.sqrt(0.25 / n_test):.1f} points, which is why every difference "
+              "below comes with a paired interval.", ""]
     return lines
 
 
@@ -859,66 +799,74 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
     out.mkdir(parents=True, exist_ok=True)
     knn_lines, knn = _table(cache, cfg.methods, cfg.sparsities, "knn")
     lin_lines, _ = _table(cache, cfg.methods, cfg.sparsities, "linear") if cfg.linear_epochs else ([], {})
+    ci_lines, ci = _interval_table(cache, cfg, "knn")
+    lci_lines, _ = _interval_table(cache, cfg, "linear") if cfg.linear_epochs else ([], {})
     plots = _plots(out, cache, cfg, variants)
     dense = cache.get("eval/dense") or {}
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     stages = cache.get("stages") or log.stages
+    main = cache.get("selection/main") or {}
     md = [f"# Quality benchmark ({mode} run)", "",
           f"Date: {REPORT_DATE}. Machine: {platform.machine()} CPU, {os.cpu_count()} cores "
           f"({_cpu_name()}), torch {torch.__version__}, Python {platform.python_version()}; "
-          f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs shared the cores). "
-          f"Compute time {wall / 60:.1f} min (summed over resumed runs). Produced by "
+          f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. "
+          f"Compute time {wall / 60:.1f} min (summed over resumed runs). No GPU. Produced by "
           f"`python benchmarks/bench_quality.py {' '.join(sys.argv[1:])}`.".replace(" `.", "`."), "",
           f"Model: {setup.name}. Evaluation: k-NN (k={cfg.k}, L2-normalised pooled embeddings) with "
           f"{len(setup.data.y_train)} train images as the reference set and {len(setup.data.y_test)} test images"
           + (f"; linear probe: the DINO recipe (SGD, momentum 0.9, lr 1e-3, batch 256, cosine) for "
              f"{cfg.linear_epochs} epochs on the same frozen features, best-of-10%-held-out-train epoch"
              if cfg.linear_epochs else "")
-          + ".", ""]
+          + ". Nothing was chosen on the test split: the search picks its winner on held-out TRAIN images, "
+            "every default was set before this run or from train-split measurements.", ""]
     md += setup.notes + _protocol_notes(setup, cfg)
     md += ["## k-NN top-1 (%) vs sparsity", "",
            "Sparsity = fraction of the blocks' prunable parameters (heads + FFN neurons) removed; "
            "every method removes whole heads and whole neurons.", ""] + knn_lines + [""]
+    md += ["## elastic - each method: k-NN points with paired-bootstrap 95 % intervals", "",
+           f"{cfg.bootstrap} resamples of the {len(setup.data.y_test)} test images (both models scored on the same "
+           "resample); **bold**: the interval lies above 0.", ""] + ci_lines + [""]
     if lin_lines:
-        md += ["## Linear probe top-1 (%) vs sparsity", ""] + lin_lines + [""]
-    md += ["![accuracy vs sparsity](quality_sparsity.png)", "", "## The paper's claims on this model", ""]
-    md += _claims(knn, cfg.sparsities) + [""]
-    md += ["## Ablations", "", f"k-NN top-1 (%) at the ablation sparsities. Generations: one xNES trajectory "
-           f"(popsize {cfg.popsize or 'default'}, search sparsities {list(cfg.search_sparsities)}); 0 generations is "
-           "the fisher-only ranking. Search sparsities: separate runs of "
-           f"{cfg.generations} generations. Search fitness: the best candidate's PCA cosine on the "
-           f"{cfg.fitness_images} fitness images, averaged over that run's search sparsities; held-out fitness: the "
-           f"same objective (search sparsities {list(cfg.search_sparsities)}) on {cfg.heldout_images} other train "
-           "images the search never saw.", ""]
-    abl = cfg.ablation_sparsities
-    md += ["| variant | search fitness (best) | held-out fitness | " + " | ".join(f"{s:.0%}" for s in abl) + " |",
-           "|---|---:|---:|" + "---:|" * len(abl)]
-    for key in sorted(variants, key=lambda k: (k.split(":")[0], int(k.split(":")[1]))):
-        kind, n = key.split(":")
-        name = f"gen{n}" if kind == "gen" else f"nsp{n}"
-        label = f"{n} generations" if kind == "gen" else f"{n} search sparsit{'y' if n == '1' else 'ies'} " \
-                f"{list(variants[key].sparsities) if variants[key].sparsities else ''}"
-        fit = variants[key].best_fitness
-        held = cache.get(f"heldout/{kind}{n}")
-        md.append(f"| {label} | {'-' if fit is None else f'{fit:.4f}'} | {'-' if held is None else f'{held:.4f}'} | "
-                  + " | ".join(_pct((cache.get(f"eval/{name}/{s:.2f}") or {}).get("knn")) for s in abl) + " |")
-    md += ["", "![ablations](quality_ablations.png)", "", "## Accuracy vs measured ONNX Runtime latency", "",
-           "Sliced models exported with `efx.export_onnx` (checked against PyTorch) and timed with onnxruntime "
-           f"on this CPU (median of {cfg.latency_iters} runs; the cores were shared, so treat small differences "
-           "as noise).", ""]
-    lat_cols = [f"b{b}_ms" for b in cfg.latency_batches]
-    md += ["| method | sparsity | " + " | ".join(f"batch {b} (ms)" for b in cfg.latency_batches) + " | k-NN (%) |",
-           "|---|---:|" + "---:|" * (len(lat_cols) + 1)]
-    for m in cfg.latency_methods:
-        for s in (0.0,) + tuple(cfg.sparsities):
-            lat = cache.get(f"latency/{m}/{s:.2f}")
-            if lat is None:
-                continue
-            acc = dense if s == 0.0 else cache.get(f"eval/{m}/{s:.2f}") or {}
-            cells = ["fail" if c not in lat else f"{lat[c]:.2f}" for c in lat_cols]  # reasons: see Failures
-            md.append(f"| {LABELS.get(m, m)} | {s:.0%} | " + " | ".join(cells) + f" | {_pct(acc.get('knn'))} |")
-    md += ["", "![accuracy vs latency](quality_latency.png)", "", "## Settings and time per stage", "",
-           "```", json.dumps(_jsonable(asdict(cfg))), "```", "",
+        md += ["## Linear probe top-1 (%) vs sparsity", ""] + lin_lines + ["", "Linear probe: elastic - each method "
+               "(points, paired-bootstrap 95 % intervals)", ""] + lci_lines + [""]
+    md += ["![accuracy vs sparsity](quality_sparsity.png)", "", "## The goal (issue 13) on this model", ""]
+    md += _claims(ci, cfg.sparsities) + [""]
+    if main:
+        md += ["## The main search's choice", "", f"* {main.get('summary', '')}",
+               f"* fitness: {main.get('fitness_space', '')}", "", "![search trajectory](quality_search.png)", ""]
+    md += ["## Ablations", "",
+           f"Separate searches of {cfg.ablation_generations} generations, population {cfg.ablation_popsize}, search "
+           f"sparsities {list(cfg.search_sparsities)}, each changing one setting of the default search; k-NN "
+           "on the test split at the ablation sparsities. Search fitness: on the search half of the fitness images; "
+           "selection fitness: on the held-out half (what chooses the winner).", ""]
+    md += _ablation_rows(cache, cfg, variants) + [""]
+    proxy = cache.get("proxy")
+    if proxy:
+        md += ["## Does the proxy predict accuracy?", "",
+               f"{len(proxy['candidates'])} candidates of the main search (c = 1, the winner, and candidates spread "
+               "over its generations), each scored by the fitness on the selection images and by k-NN on "
+               f"VALIDATION images of the train split ({cfg.val_ref} reference, {cfg.val_query} queries; never the "
+               "test split). Spearman rank correlation per sparsity:", "",
+               "| proxy | " + " | ".join(f"{float(s):.0%}" for s in proxy["val_knn"]) + " |",
+               "|---|" + "---:|" * len(proxy["val_knn"])]
+        for name, row in proxy["spearman"].items():
+            md.append(f"| {name} | " + " | ".join(f"{v:+.2f}" for v in row.values()) + " |")
+        md += [""]
+    if cfg.latency_methods:
+        md += ["## Accuracy vs measured ONNX Runtime latency", ""]
+        lat_cols = [f"b{b}_ms" for b in cfg.latency_batches]
+        md += ["| method | sparsity | " + " | ".join(f"batch {b} (ms)" for b in cfg.latency_batches) + " | k-NN (%) |",
+               "|---|---:|" + "---:|" * (len(lat_cols) + 1)]
+        for m in cfg.latency_methods:
+            for s in (0.0,) + tuple(cfg.sparsities):
+                lat = cache.get(f"latency/{m}/{s:.2f}")
+                if lat is None:
+                    continue
+                acc = dense if s == 0.0 else cache.get(f"eval/{m}/{s:.2f}") or {}
+                cells = ["fail" if c not in lat else f"{lat[c]:.2f}" for c in lat_cols]
+                md.append(f"| {LABELS.get(m, m)} | {s:.0%} | " + " | ".join(cells) + f" | {_pct(acc.get('knn'))} |")
+        md += [""]
+    md += ["## Settings and time per stage", "", "```", json.dumps(_jsonable(asdict(cfg))), "```", "",
            "| stage | seconds |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in sorted(stages.items())]
     errors = [f"* {k}: {v['error']}" for k, v in sorted(cache.data.items()) if isinstance(v, dict) and "error" in v]
     if errors:
@@ -927,11 +875,13 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
     headline = {
         "bench": "quality", "mode": mode, "model": setup.name, "dense_knn": dense.get("knn"),
         "knn": {m: {f"{s:.2f}": knn.get(m, {}).get(s) for s in cfg.sparsities if s >= 0.5} for m in cfg.methods},
-        f"gen_ablation_knn_{abl[-1]:.2f}": {k: (cache.get(f"eval/gen{k.split(':')[1]}/{abl[-1]:.2f}") or {}).get("knn")
-                                             for k in variants if k.startswith("gen:")},
-        "wall_s": round(wall, 1), "plots": plots,
+        "elastic_minus_fisher_knn_ci": {f"{s:.2f}": [round(100 * v, 2) for v in ci.get("fisher", {}).get(s, ())]
+                                        for s in cfg.sparsities},
+        "main_choice": main.get("chosen"), "wall_s": round(wall, 1), "plots": plots,
     }
-    full = {"headline": headline, "config": _jsonable(asdict(cfg)), "results": cache.data, "stages_s": stages,
+    slim = {k: ({kk: vv for kk, vv in v.items() if not kk.endswith("_correct")} if isinstance(v, dict) else v)
+            for k, v in cache.data.items() if not k.startswith(("trajectory/", "pool/"))}
+    full = {"headline": headline, "config": _jsonable(asdict(cfg)), "results": slim, "stages_s": stages,
             "date": REPORT_DATE, "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
                                              "torch": torch.__version__, "load_avg_end": list(load)}}
     _atomic_text(out / "quality.json", json.dumps(full, indent=1))
@@ -946,15 +896,151 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _derived(scores: Any, choose: str) -> Optional[Dict[str, Any]]:
+    """The pool entry another choice rule picks among the same evaluated candidates (items 2 and 3 off)."""
+    pool = scores.selection.get("pool") or []
+    if not pool:
+        return None
+    if choose == "by_search":  # item 3 off: the best search fitness wins, nothing held out
+        best = max(pool, key=lambda e: e["search"])
+    else:  # item 2 off: no c = 1 and no final mean among the choices
+        rest = [e for e in pool if e["name"] not in ("c=1", "final mean")]
+        if not rest:
+            return None
+        best = max(rest, key=lambda e: e["selection"])
+    return best
+
+
+def _bits(x: Optional[np.ndarray]) -> Optional[str]:
+    """A bool vector as a compact string of 0/1 (for the JSON cache)."""
+    return None if x is None else "".join("1" if v else "0" for v in np.asarray(x).ravel())
+
+
+def _unbits(s: Optional[str]) -> Optional[np.ndarray]:
+    return None if s is None else np.frombuffer(s.encode(), dtype=np.uint8) == ord("1")
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0) -> Tuple[float, float, float]:
+    """Mean of ``a - b`` (per-image correctness of two models on the same images) and its
+    paired-bootstrap 95 % interval: the test images are resampled, both models together."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = a - b
+    idx = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+    boots = diff[idx].mean(axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(diff.mean()), float(lo), float(hi)
+
+
+def proxy_study(setup: Setup, cfg: QualityConfig, cache: Cache, local: LocalScores, main: Any, record: list,
+                log: Log) -> None:
+    """Does the selection fitness predict accuracy? ``proxy_candidates`` candidates of the main search
+    (c = 1, the winner, the final mean, and candidates spread over the generations) are scored by the
+    selection fitness and by k-NN on VALIDATION images of the train split (never the test split);
+    Spearman correlation per sparsity. Alternative proxies from the same embeddings: the fitness
+    in the full embedding space and with PCA to 192 (capped) dims."""
+    if cache.get("proxy") is not None or not record:
+        return
+    from scipy.stats import spearmanr
+
+    from elastic_fx.passes.mask import build_masked
+    from elastic_fx.search.evaluate import masked_embeddings
+    from elastic_fx.search.fitness import PCACosineFitness
+    from elastic_fx.search.search import split_fitness_images
+
+    t0 = time.perf_counter()
+    gens = record
+    cands = [("c=1", np.ones(main.layout.dim)), ("winner", np.asarray(main.c))]
+    want = max(0, cfg.proxy_candidates - 2)
+    picks = np.linspace(0, len(gens) * len(gens[0]["factors"]) - 1, want).round().astype(int) if gens else []
+    flat = [(g["generation"], np.asarray(f)) for g in gens for f in g["factors"]]
+    cands += [(f"gen {flat[i][0]}", flat[i][1]) for i in picks]
+    sps = cfg.search_sparsities
+    si, qi = split_fitness_images(len(setup.fit_x), main.config.get("selection_fraction", 0.5), cfg.seed)
+    masked = build_masked(setup.gm, setup.smap)
+    embed = embedding_module(setup.gm, setup.smap).eval()
+    with torch.no_grad():
+        dense = embed(setup.fit_x).float()
+    fits = {"selection (the search's)": PCACosineFitness(dense[si], dim=main.config.get("pca_dim")),
+            "full space": PCACosineFitness(dense[si], dim=None),
+            "PCA 192 (capped)": PCACosineFitness(dense[si], dim=192)}
+    proxies = {k: [] for k in fits}
+    knn = {s: [] for s in cfg.proxy_sparsities}
+    nr = setup.n_val_ref
+    for _, c in cands:
+        sc = efx.ElasticScores(local=local, c=c, layout=main.layout, floors=main.floors, ranking=main.ranking)
+        emb = masked_embeddings(masked, setup.fit_x[qi], [sc.keep(setup.smap, s) for s in sps], batch_size=128)
+        for k, f in fits.items():
+            proxies[k].append(float(f(emb, dense=dense[qi]).mean()))
+        vemb = masked_embeddings(masked, setup.val_x, [sc.keep(setup.smap, s) for s in cfg.proxy_sparsities],
+                                 batch_size=128)
+        for s, e in zip(cfg.proxy_sparsities, vemb):
+            knn[s].append(knn_top1(e[:nr], setup.val_y[:nr], e[nr:], setup.val_y[nr:], k=min(cfg.k, nr)))
+    table = {k: {f"{s:.2f}": float(spearmanr(v, knn[s]).statistic) for s in cfg.proxy_sparsities}
+             for k, v in proxies.items()}
+    cache.put("proxy", {"candidates": [n for n, _ in cands], "proxies": proxies,
+                        "val_knn": {f"{s:.2f}": v for s, v in knn.items()}, "spearman": table})
+    log.stage("proxy study", time.perf_counter() - t0)
+    log(f"proxy study ({len(cands)} candidates): Spearman {table}")
+
+
+def _interval_table(cache: Cache, cfg: QualityConfig, metric: str) -> Tuple[List[str], Dict[str, Dict[float, Any]]]:
+    """elastic - every other method, per sparsity: difference and paired-bootstrap 95 % interval (points)."""
+    others = [m for m in cfg.methods if m != "elastic"]
+    out: Dict[str, Dict[float, Any]] = {}
+    lines = ["| elastic - ... | " + " | ".join(f"{s:.0%}" for s in cfg.sparsities) + " |",
+             "|---|" + "---:|" * len(cfg.sparsities)]
+    for m in others:
+        out[m] = {}
+        cells = []
+        for s in cfg.sparsities:
+            a = _unbits((cache.get(f"eval/elastic/{s:.2f}") or {}).get(f"{metric}_correct"))
+            b = _unbits((cache.get(f"eval/{m}/{s:.2f}") or {}).get(f"{metric}_correct"))
+            if a is None or b is None or len(a) != len(b):
+                cells.append("-")
+                continue
+            d, lo, hi = paired_interval(a, b, cfg.bootstrap, seed=cfg.seed)
+            out[m][s] = (d, lo, hi)
+            mark = "**" if lo > 0 else ""
+            cells.append(f"{mark}{100 * d:+.1f}{mark} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return lines, out
+
+
+def _ablation_rows(cache: Cache, cfg: QualityConfig, variants: Dict[str, Any]) -> List[str]:
+    abl = cfg.ablation_sparsities
+    rows = ["| variant | what changes | winner | search fitness c=1 / winner | selection fitness c=1 / winner | "
+            + " | ".join(f"k-NN {s:.0%}" for s in abl) + " |", "|---|---|---|---:|---:|" + "---:|" * len(abl)]
+
+    def knn(name: str) -> str:
+        return " | ".join(_pct((cache.get(f"eval/{name}/{s:.2f}") or {}).get("knn")) for s in abl)
+
+    rows.append("| fisher-only (no search) | c = 1 | - | - | - | " + knn("fisher") + " |")
+    for name, sc in variants.items():
+        sel = sc.selection
+        c1, win = sel.get("c1", {}), sel.get("winner", {})
+        rows.append(f"| {name} | {ABLATIONS[name][0]} | {win.get('name', '-')} | "
+                    f"{c1.get('search', 0):.4f} / {win.get('search', 0):.4f} | "
+                    f"{_f4(c1.get('selection'))} / {_f4(win.get('selection'))} | {knn('abl_' + name)} |")
+    for choose, what in (("by_search", "item 3 off: winner by search fitness (nothing held out)"),
+                         ("no_c1", "item 2 off: c = 1 and the final mean not among the choices")):
+        entry = cache.get(f"derived/{choose}")
+        if entry is not None:
+            rows.append(f"| {choose} | {what} | {entry['name']} | - / {entry['search']:.4f} | - / "
+                        f"{entry['selection']:.4f} | {knn('abl_' + choose)} |")
+    return rows
+
+
+def _f4(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
 # ============================================================================ main
 def run(cfg: QualityConfig, setup: Setup, work_dir: Path, out_dir: Path, mode: str, log: Log) -> Dict[str, Any]:
-    """Every stage in order of importance (the main table first, then ablations, then latency)."""
+    """Every stage in order of importance (the main table first, then ablations, the proxy study, latency)."""
     t_start = time.perf_counter()
-    unknown = set(cfg.methods) - set(METHODS)
+    unknown = set(cfg.methods) - set(METHODS) - set(TP_VARIANTS)
     if unknown:
         raise efx.ElasticFxError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    # only what changes a cached score or evaluation; methods, sparsities, ablation lists and latency
-    # settings may change between runs (their results are cached under their own keys)
     keyed = {k: v for k, v in asdict(cfg).items() if k in FINGERPRINT_FIELDS}
     fingerprint = json.dumps([setup.name, setup.smap.fingerprint(), _jsonable(keyed)])
     cache = Cache(work_dir, fingerprint)
@@ -965,45 +1051,41 @@ def run(cfg: QualityConfig, setup: Setup, work_dir: Path, out_dir: Path, mode: s
     torch.manual_seed(cfg.seed)
     eval_dense(setup, cfg, cache, log)
     dino = _local(setup, cfg, cache, "dino", log)
-    rankings: Dict[str, Any] = {"fisher": efx.ElasticScores.from_local(dino, setup.smap)}
+    rankings: Dict[str, Any] = {"fisher": efx.ElasticScores.from_local(dino, setup.smap),
+                                "fisher_sep": efx.ElasticScores.from_local(dino, setup.smap, ranking="separate")}
     for m in ("magnitude", "lamp", "random", "snip"):
         if m in cfg.methods:
             rankings[m] = efx.ElasticScores.from_local(_local(setup, cfg, cache, m, log), setup.smap)
-    for m in ("fisher", "magnitude", "lamp", "snip", "random"):
+    main = rankings["elastic"] = _search(setup, cfg, dino, "main", cache, log, cfg.generations, cfg.popsize)
+    dim, share = main.config.get("pca_dim"), main.config.get("pca_error_share")
+    cache.put("selection/main", {**main.selection, "fitness_space": (
+        ("the full embedding space" if dim is None else f"PCA to {dim} dims")
+        + ("" if share is None or share != share else f", holding {100 * share:.1f} % of the pruning error of c = 1")
+        + f"; {main.config.get('search_images')} search / {main.config.get('selection_images')} selection images")})
+    for m in ("elastic", "fisher", "fisher_sep", "magnitude", "lamp", "snip", "random"):
         if m in cfg.methods:
             eval_scores(setup, cfg, cache, m, rankings[m], cfg.sparsities, log)
     eval_torch_pruning(setup, cfg, cache, log)
 
-    variants: Dict[str, Any] = {"gen:0": search_generations(setup, cfg, cache, dino, 0, log)}  # = fisher + its fitness
-    chain = sorted({g for g in cfg.gen_ablation if g > 0} | {cfg.generations})
-
-    def ablate(key: str) -> None:  # evaluate one variant at the ablation sparsities (reusing equal rankings)
-        name = key.replace(":", "")
-        src = "elastic" if variants[key] is rankings.get("elastic") else "fisher" if key == "gen:0" else None
-        if key == "gen:0":  # zero generations keep c = 1: the fisher-only ranking itself
-            assert np.all(np.asarray(variants[key].c) == 1.0)
-        for s in cfg.ablation_sparsities:
-            done = cache.get(f"eval/{src}/{s:.2f}") if src else None
-            if done is not None and cache.get(f"eval/{name}/{s:.2f}") is None:
-                cache.put(f"eval/{name}/{s:.2f}", done)
-        eval_scores(setup, cfg, cache, name, variants[key], cfg.ablation_sparsities, log)
-        heldout_fitness(setup, cfg, cache, key, variants[key], log)
-
-    for g in (g for g in chain if g <= cfg.generations):
-        variants[f"gen:{g}"] = search_generations(setup, cfg, cache, dino, g, log)
-    rankings["elastic"] = variants[f"gen:{cfg.generations}"]
-    if "elastic" in cfg.methods:
-        eval_scores(setup, cfg, cache, "elastic", rankings["elastic"], cfg.sparsities, log)
-    for key in list(variants):
-        ablate(key)
-    for sps in cfg.nsp_ablation:
-        key = f"nsp:{len(sps)}"
-        same = tuple(sps) == tuple(cfg.search_sparsities)
-        variants[key] = rankings["elastic"] if same else search_sparsity_set(setup, cfg, cache, dino, sps, log)
-        ablate(key)
-    for g in (g for g in chain if g > cfg.generations):
-        variants[f"gen:{g}"] = search_generations(setup, cfg, cache, dino, g, log)
-        ablate(f"gen:{g}")
+    variants: Dict[str, Any] = {}
+    for name in cfg.ablations:
+        what, overrides = ABLATIONS[name]
+        variants[name] = _search(setup, cfg, dino, f"abl_{name}", cache, log, cfg.ablation_generations,
+                                 cfg.ablation_popsize, **overrides)
+        eval_scores(setup, cfg, cache, f"abl_{name}", variants[name], cfg.ablation_sparsities, log)
+    base = variants.get("all_on")
+    if base is not None:  # items 2 and 3 off: other choices among the same evaluated pool
+        pool = base.selection.get("pool") or []
+        factors = cache.get("pool/abl_all_on") or []
+        for choose in ("by_search", "no_c1"):
+            entry = _derived(base, choose)
+            if entry is None or len(factors) != len(pool):
+                continue
+            cache.put(f"derived/{choose}", entry)
+            sc = efx.ElasticScores(local=dino, c=np.asarray(factors[pool.index(entry)]), layout=base.layout,
+                                   floors=base.floors, ranking=base.ranking)
+            eval_scores(setup, cfg, cache, f"abl_{choose}", sc, cfg.ablation_sparsities, log)
+    proxy_study(setup, cfg, cache, dino, rankings["elastic"], cache.get("trajectory/main") or [], log)
     measure_latency(setup, cfg, cache, rankings, log)
     cache.put("wall_s", (cache.get("wall_s") or 0.0) + time.perf_counter() - t_start)  # summed over resumed runs
     return write_report(out_dir, setup, cfg, cache, variants, log, mode, cache.get("wall_s"))
@@ -1028,17 +1110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--work-dir", default=None, help="cache (default: a folder under the system temp dir)")
     p.add_argument("--sparsities", type=float, nargs="+")
-    p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--methods", nargs="+", choices=METHODS + ("tp_taylor_ffn",))
     p.add_argument("--grad-images", type=int)
     p.add_argument("--fitness-images", type=int)
     p.add_argument("--popsize", type=int, help="0: the xNES default")
     p.add_argument("--generations", type=int, help="generations of the 'elastic' method")
-    p.add_argument("--gen-ablation", type=int, nargs="+")
-    p.add_argument("--no-ablations", action="store_true", help="only the main search (no generation / "
-                   "search-sparsity ablation runs)")
+    p.add_argument("--ablations", nargs="*", choices=sorted(ABLATIONS),
+                   help="ablation searches to run (default: all; none given: no ablations)")
+    p.add_argument("--ablation-generations", type=int)
     p.add_argument("--knn-train", type=int, help="k-NN reference images (0: all)")
     p.add_argument("--linear-epochs", type=int, help="0: no linear probe")
-    p.add_argument("--latency-methods", nargs="*", choices=METHODS)
+    p.add_argument("--latency-methods", nargs="*", choices=METHODS + ("tp_taylor_ffn",))
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch / onnxruntime threads (0: every core; 1 is faster on a "
                    "machine whose cores other jobs share)")
@@ -1051,13 +1133,11 @@ def config_from(args: argparse.Namespace) -> Tuple[QualityConfig, str]:
     cfg = {"smoke": smoke_config, "quick": quick_config, "full": QualityConfig}[mode]()
     overrides = {"sparsities": args.sparsities, "methods": args.methods, "grad_images": args.grad_images,
                  "fitness_images": args.fitness_images, "popsize": args.popsize, "generations": args.generations,
-                 "gen_ablation": args.gen_ablation, "knn_train": args.knn_train, "linear_epochs": args.linear_epochs,
+                 "ablations": args.ablations, "ablation_generations": args.ablation_generations,
+                 "knn_train": args.knn_train, "linear_epochs": args.linear_epochs,
                  "latency_methods": args.latency_methods, "seed": args.seed, "threads": args.threads}
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
-    cfg = replace(cfg, **overrides)
-    if args.no_ablations:
-        cfg = replace(cfg, gen_ablation=(0, cfg.generations), nsp_ablation=(tuple(cfg.search_sparsities),))
-    return cfg, mode
+    return replace(cfg, **overrides), mode
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -151,6 +151,16 @@ def knn_top1(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: 
     weights='uniform')``; Euclidean distance on unit vectors ranks like cosine similarity.
     ``k`` larger than the training set is clamped to its size (logged).
     """
+    return float(knn_correct(train_x, train_y, test_x, test_y, k).mean())
+
+
+def knn_correct(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: ArrayLike,
+                k: int = 20) -> np.ndarray:
+    """Per test image, whether the k-NN vote of :func:`knn_top1` is right (bool ``[N_test]``).
+
+    Paired comparisons of two models on the same test images (bootstrap intervals of an
+    accuracy difference) resample these.
+    """
     try:
         from sklearn.neighbors import KNeighborsClassifier
     except ImportError as e:
@@ -166,7 +176,7 @@ def knn_top1(train_x: ArrayLike, train_y: ArrayLike, test_x: ArrayLike, test_y: 
     clf = KNeighborsClassifier(n_neighbors=k, weights="uniform", algorithm="brute", metric="euclidean")
     clf.fit(xtr.numpy(), ytr.numpy())
     pred = clf.predict(xte.numpy())
-    return float((pred == yte.numpy()).mean())
+    return pred == yte.numpy()
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -201,8 +211,12 @@ class LinearProbeConfig:
 
 
 def _accuracy(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(_correct(head, x, y).float().mean())
+
+
+def _correct(head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return float((head(x).argmax(1) == y).float().mean())
+        return head(x).argmax(1) == y
 
 
 def _split_val(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int):
@@ -223,13 +237,15 @@ def linear_probe(
     test_y: ArrayLike,
     config: Optional[LinearProbeConfig] = None,
     val: Optional[Tuple[ArrayLike, ArrayLike]] = None,
-) -> float:
+    per_image: bool = False,
+) -> Union[float, np.ndarray]:
     """Test top-1 accuracy in [0, 1] of a linear head trained on frozen features.
 
     SGD with momentum and ``CosineAnnealingLR(T_max=epochs, eta_min=0)`` stepped once per
     epoch; no augmentation; the head with the best validation accuracy (``val`` if given,
     else a ``config.val_fraction`` hold-out of the training set; the earliest epoch wins
     ties) is evaluated on the test set. Head init as in DINO: weights N(0, 0.01), bias 0.
+    ``per_image=True`` returns whether each test image is classified right (bool ``[N_test]``).
     """
     cfg = config or LinearProbeConfig()
     xtr, ytr, xte, yte = _check_pair(train_x, train_y, test_x, test_y)
@@ -273,6 +289,8 @@ def linear_probe(
         head.load_state_dict(best_state)
         logger.info("linear probe: best validation accuracy %.4f at epoch %d of %d", best_acc, best_epoch + 1,
                     cfg.epochs)
+    if per_image:
+        return _correct(head, xte, yte).cpu().numpy()
     return _accuracy(head, xte, yte)
 
 
@@ -298,7 +316,8 @@ def evaluate_features(
     model's own preprocessing is used (:func:`_normalisation`; a :class:`DataError` when
     it has none). ``data`` holding features already (float ``[N, D]``) is used as is, and
     ``model`` may then be None.
-    Returns ``{"knn_top1": ..., "linear_top1": ...}`` (the latter only with ``linear``).
+    Returns ``{"knn_top1": ..., "linear_top1": ...}`` (the latter only with ``linear``) and the
+    per-test-image correctness behind each (``"knn_correct"``, ``"linear_correct"``: bool arrays).
     """
 
     def features(x: np.ndarray) -> torch.Tensor:
@@ -312,9 +331,11 @@ def evaluate_features(
         return extract_features(model, chunks, device=device)  # converted chunk by chunk: uint8 stays compact
 
     f_train, f_test = features(data.x_train), features(data.x_test)
-    result = {"knn_top1": knn_top1(f_train, data.y_train, f_test, data.y_test, k=k)}
+    ok = knn_correct(f_train, data.y_train, f_test, data.y_test, k=k)
+    result = {"knn_top1": float(ok.mean()), "knn_correct": ok}
     if linear is not None:
-        result["linear_top1"] = linear_probe(f_train, data.y_train, f_test, data.y_test, linear)
+        lin = linear_probe(f_train, data.y_train, f_test, data.y_test, linear, per_image=True)
+        result.update(linear_top1=float(lin.mean()), linear_correct=lin)
     return result
 
 
@@ -337,6 +358,8 @@ class BudgetResult:
     knn_top1: float
     linear_top1: Optional[float] = None
     seconds: float = 0.0
+    knn_correct: Optional[np.ndarray] = None  # per test image (for paired comparisons)
+    linear_correct: Optional[np.ndarray] = None
 
     def as_dict(self) -> dict:
         """JSON-ready dict of every field."""
@@ -429,7 +452,8 @@ def evaluate_budgets(
                                 device=device, k=k, linear=linear)
         results.append(BudgetResult(target_sparsity=s, sparsity=float(stats["sparsity"]), params=int(stats["params"]),
                                     gflops=float(stats["gflops"]), knn_top1=acc["knn_top1"],
-                                    linear_top1=acc.get("linear_top1"), seconds=time.perf_counter() - t0))
+                                    linear_top1=acc.get("linear_top1"), seconds=time.perf_counter() - t0,
+                                    knn_correct=acc["knn_correct"], linear_correct=acc.get("linear_correct")))
         logger.info("sparsity %.2f: k-NN %.4f (%d params) in %.1fs", s, acc["knn_top1"], stats["params"],
                     results[-1].seconds)
     return results

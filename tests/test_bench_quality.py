@@ -48,8 +48,11 @@ def test_smoke_run_writes_report_json_and_plots(smoke_run, bq, capsys):
     assert 0.0 <= headline["dense_knn"] <= 1.0
     md = (out / "quality.md").read_text()
     assert "## k-NN top-1 (%) vs sparsity" in md and "## Ablations" in md and "ONNX Runtime latency" in md
-    for label in bq.LABELS.values():
+    assert "paired-bootstrap 95 % intervals" in md and "## Does the proxy predict accuracy?" in md
+    for label in (bq.LABELS[m] for m in cfg.methods):
         assert label in md
+    for name in cfg.ablations:
+        assert f"| {name} | {bq.ABLATIONS[name][0]} |" in md
     full = json.loads((out / "quality.json").read_text())
     assert full["headline"]["knn"] == json.loads(json.dumps(headline["knn"]))
     results = full["results"]
@@ -61,9 +64,15 @@ def test_smoke_run_writes_report_json_and_plots(smoke_run, bq, capsys):
             assert "error" not in row, row
             # every method removes at least the asked fraction of block parameters, and not much more
             assert s - 1e-9 <= row["sparsity"] <= s + 0.15, (method, s, row["sparsity"])
-    # the search's objective on held-out images, for fisher-only (0 generations) and every search variant
-    for key in ("gen0", "gen2", "nsp1"):
-        assert -1.0 <= results[f"heldout/{key}"] <= 1.0
+    # the main search's choice, the ablations (searched and derived) and the proxy study
+    assert results["selection/main"]["chosen"] in ("c=1", "search")
+    for name in list(cfg.ablations) + ["by_search", "no_c1"]:
+        for s in cfg.ablation_sparsities:
+            assert 0.0 <= results[f"eval/abl_{name}/{s:.2f}"]["knn"] <= 1.0
+    proxy = results["proxy"]
+    assert len(proxy["candidates"]) == cfg.proxy_candidates and proxy["candidates"][:2] == ["c=1", "winner"]
+    lo, hi = headline["elastic_minus_fisher_knn_ci"][f"{cfg.sparsities[-1]:.2f}"][1:]
+    assert -100 <= lo <= hi <= 100
     for name in headline["plots"]:
         assert (out / name).stat().st_size > 1000
 
@@ -72,7 +81,7 @@ def test_smoke_rerun_reuses_the_cache(smoke_run, bq):
     headline, out, work = smoke_run
     (folder,) = [p for p in work.iterdir() if p.is_dir()]  # one sub-folder per configuration
     cached = json.loads((folder / "results.json").read_text())
-    assert {"elastic_gen0.efx", "elastic_gen2.efx", "local_dino.safetensors"} <= {p.name for p in folder.iterdir()}
+    assert {"search_main.efx", "search_abl_all_on.efx", "local_dino.safetensors"} <= {p.name for p in folder.iterdir()}
     again = bq.main(["--smoke", "--quiet", "--out-dir", str(out), "--work-dir", str(work)])
     assert again["knn"] == headline["knn"]  # same numbers, read back rather than recomputed
     after = json.loads((folder / "results.json").read_text())
@@ -124,3 +133,14 @@ def test_torch_pruning_model_equals_efx_slice_of_the_same_structures(bq, kind):
         torch.testing.assert_close(pruned(x), sliced(x), atol=1e-5, rtol=1e-5)
     assert [len(k["heads"]) for k in keep.values()] == info["kept_heads"]
     assert np.sum(info["kept_neurons"]) < sum(b.mlp.hidden_features for b in setup.smap.blocks)
+
+
+def test_paired_interval_resamples_both_models_together(bq):
+    a = np.array([1, 1, 0, 1, 0, 1, 1, 0] * 25, dtype=bool)
+    assert bq.paired_interval(a, a, 500) == (0.0, 0.0, 0.0)  # identical models: no spread at all
+    b = a.copy()
+    b[:20] = ~b[:20]  # disagree on 20 of 200 images
+    d, lo, hi = bq.paired_interval(a, b, 2000, seed=1)
+    assert d == pytest.approx((a.astype(float) - b).mean()) and lo <= d <= hi
+    assert hi - lo < 0.1  # paired: only the 20 disagreements vary
+    assert np.array_equal(bq._unbits(bq._bits(a)), a)

@@ -190,7 +190,10 @@ def test_evaluate_features_chains_extraction_and_both_protocols():
     assert result["knn_top1"] == 1.0
     assert result["linear_top1"] >= 0.9  # chance is 0.25
     feats = LabelledData(rng.normal(size=(40, 3)), y[:40], rng.normal(size=(20, 3)), y[:20])
-    assert set(evaluate_features(None, feats, k=3)) == {"knn_top1"}
+    got = evaluate_features(None, feats, k=3)
+    assert set(got) == {"knn_top1", "knn_correct"}  # no probe asked for: no probe result
+    assert got["knn_correct"].shape == (20,) and got["knn_correct"].mean() == got["knn_top1"]
+    assert result["linear_correct"].mean() == result["linear_top1"] and result["knn_correct"].all()
     with pytest.raises(DataError, match="model is None"):
         evaluate_features(None, data)
 
@@ -304,7 +307,7 @@ def test_evaluate_features_defaults_to_the_models_own_preprocessing():
     data = _colour_data()
     own = evaluate_features(model, data, k=5)
     explicit = evaluate_features(model, data, mean=cfg.mean, std=cfg.std, image_size=16, k=5)
-    assert own == explicit
+    assert own["knn_top1"] == explicit["knn_top1"] and np.array_equal(own["knn_correct"], explicit["knn_correct"])
     with pytest.raises(DataError, match="mean=..., std=..."):  # no config, no statistics: no silent ImageNet
         evaluate_features(_tiny_vit(num_classes=0), data, k=5)
 

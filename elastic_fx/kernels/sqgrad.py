@@ -63,7 +63,6 @@ import triton
 import triton.language as tl
 
 from ._dispatch import describe, device_context, use_triton
-from .ghost_sqnorm import ghost_sqnorm  # noqa: F401  shim: old path of scoring/local.py; lead removes at merge
 from ._sqgrad_schedule import (
     REDUCE_TILE,
     Plan,

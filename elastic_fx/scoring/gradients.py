@@ -18,7 +18,7 @@ parameter, before anything reaches the totals.
 * ``mode="per-batch"``: the gradient of each batch's (mean) loss, squared, summed over
   the structure's entries and over batches.
 * ``mode="per-sample"``: the empirical Fisher, each image's own gradient squared. By the
-  ghost-norm kernel (:func:`elastic_fx.kernels.sqgrad.ghost_sqnorm`, per-sample norms
+  ghost-norm kernel (:func:`elastic_fx.kernels.ghost_sqnorm.ghost_sqnorm`, per-sample norms
   without per-sample gradients, :class:`_GhostPlan`) when every scored parameter is the
   weight or bias of an ``nn.Linear`` called once as a module in the graph and the
   objective knows its per-image row layout; otherwise by micro-batches of one image.
@@ -45,7 +45,8 @@ from torch import nn
 
 from ..distributed import DistContext, current
 from ..errors import ConfigError, NumericalError, ScoresError
-from ..kernels.sqgrad import SqgradJob, ghost_sqnorm, sqgrad_accumulate_many
+from ..kernels.ghost_sqnorm import ghost_sqnorm
+from ..kernels.sqgrad import SqgradJob, sqgrad_accumulate_many
 from ..structures import StructureMap
 from .dino import LossFn
 from ._groups import ScoredGroup, Scores, scored_groups, scored_parameters
