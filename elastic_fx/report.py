@@ -109,6 +109,28 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _space(cfg: dict) -> str:
+    dim, share = cfg.get("pca_dim", "?"), cfg.get("pca_error_share")
+    where = "the full embedding space" if dim is None else f"PCA to {dim} dims"
+    held = "" if share is None or share != share else f" ({100 * share:.1f} % of the pruning error inside)"
+    return f"{where}{held}, {cfg.get('search_images', '?')} search / {cfg.get('selection_images', '?')} selection images"
+
+
+def _selection_lines(sel: dict) -> List[str]:
+    """How the returned ranking was chosen: search and selection fitness of c = 1 and of the winner."""
+    if not sel:
+        return ["No search: the local scores rank alone (c = 1).", ""]
+    c1, win = sel.get("c1", {}), sel.get("winner", {})
+    lines = ["## How the ranking was chosen", "", sel.get("summary", ""), "",
+             "| candidate | search fitness | selection fitness |", "|---|---:|---:|",
+             f"| c = 1 (no search) | {_fmt(c1.get('search'))} | {_fmt(c1.get('selection'))} |",
+             f"| winner: {win.get('name', '-')} | {_fmt(win.get('search'))} | {_fmt(win.get('selection'))} |", ""]
+    if sel.get("chosen") == "c=1":
+        lines += ["Nothing the search found beat the no-search ranking on the held-out selection images, "
+                  "so the no-search ranking (c = 1) was kept.", ""]
+    return lines
+
+
 def write_report(scores: ElasticScores, smap, out_dir: Path, *, title: str = "elastic_fx report",
                  sparsities: Sequence[float] = DEFAULT_SPARSITIES, extra: Optional[Dict[float, dict]] = None) -> Path:
     """report.md + fitness.png + allocation.png in ``out_dir``; returns the report path."""
@@ -127,8 +149,9 @@ def write_report(scores: ElasticScores, smap, out_dir: Path, *, title: str = "el
         f"search: {len(scores.history)} generations, population {cfg.get('popsize', '-')}, "
         f"search sparsities {list(scores.sparsities)}.",
         "",
-        f"Best fitness {_fmt(scores.best_fitness)}; fitness of the final search mean {_fmt(scores.mean_fitness)}.",
+        f"Ranking: {scores.ranking}; fitness: {_space(cfg)}.",
         "",
+    ] + _selection_lines(scores.selection) + [
         "## Budgets",
         "",
         markdown_table(budget_table(scores, smap, sparsities, extra)),

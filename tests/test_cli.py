@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 
+import elastic_fx as efx
+
 from elastic_fx.cli import main
 
 FACTORY = textwrap.dedent(
@@ -50,6 +52,10 @@ def test_prune_then_export_then_report(spec, tmp_path, capsys):
     assert main(["export", spec, "--scores", str(scores), "--sparsity", "0.3", "--out-dir", str(tmp_path / "onnx")]) == 0
     assert main(["report", str(scores), spec, "--out-dir", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.md").is_file() and (tmp_path / "rep" / "allocation.png").is_file()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    sel = efx.ElasticScores.load(scores).selection
+    assert "| c = 1 (no search) |" in md and f"| winner: {sel['winner']['name']} |" in md
+    assert f"{sel['c1']['selection']:.4g}" in md
 
 
 @pytest.mark.parametrize(
