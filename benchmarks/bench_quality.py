@@ -840,6 +840,18 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
            "on the test split at the ablation sparsities. Search fitness: on the search half of the fitness images; "
            "selection fitness: on the held-out half (what chooses the winner).", ""]
     md += _ablation_rows(cache, cfg, variants) + [""]
+    val = cache.get("validation/ranking")
+    if val:
+        md += ["## How the defaults were chosen (train-split validation only)", "",
+               f"k-NN of the no-search ranking on validation images of the train split ({cfg.val_ref} reference, "
+               f"{cfg.val_query} queries, disjoint from the gradient and fitness images; the model was trained on "
+               "these images, so the numbers sit above the test ones):", "",
+               "| ranking | " + " | ".join(f"{float(s):.0%}" for s in val["fisher"]) + " |",
+               "|---|" + "---:|" * len(val["fisher"])]
+        for name, label in (("fisher", "global (default)"), ("fisher_sep", "separate (head offset 0.15)")):
+            md.append(f"| {label} | " + " | ".join(_pct(v) for v in val[name].values()) + " |")
+        md += ["", "Initial spread: the selection fitness of the sigma ablations above (the selection images are "
+               "train images) — the curve the default spread is read from.", ""]
     proxy = cache.get("proxy")
     if proxy:
         md += ["## Does the proxy predict accuracy?", "",
@@ -929,6 +941,26 @@ def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0)
     boots = diff[idx].mean(axis=1)
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return float(diff.mean()), float(lo), float(hi)
+
+
+def validation_defaults(setup: Setup, cfg: QualityConfig, cache: Cache, rankings: Dict[str, Any], log: Log) -> None:
+    """The ranking default, measured where choosing is allowed: k-NN of the no-search rankings
+    (global vs separate) on VALIDATION images of the train split (never the test split)."""
+    if cache.get("validation/ranking") is not None:
+        return
+    from elastic_fx.passes.mask import build_masked
+    from elastic_fx.search.evaluate import masked_embeddings
+
+    t0 = time.perf_counter()
+    masked, nr, out = build_masked(setup.gm, setup.smap), setup.n_val_ref, {}
+    for name in ("fisher", "fisher_sep"):
+        keeps = [rankings[name].keep(setup.smap, s) for s in cfg.ablation_sparsities]
+        emb = masked_embeddings(masked, setup.val_x, keeps, batch_size=128)
+        out[name] = {f"{s:.2f}": knn_top1(e[:nr], setup.val_y[:nr], e[nr:], setup.val_y[nr:], k=min(cfg.k, nr))
+                     for s, e in zip(cfg.ablation_sparsities, emb)}
+    cache.put("validation/ranking", out)
+    log.stage("validation of defaults", time.perf_counter() - t0)
+    log(f"validation k-NN, global vs separate ranking (c = 1): {out}")
 
 
 def proxy_study(setup: Setup, cfg: QualityConfig, cache: Cache, local: LocalScores, main: Any, record: list,
@@ -1085,6 +1117,7 @@ def run(cfg: QualityConfig, setup: Setup, work_dir: Path, out_dir: Path, mode: s
             sc = efx.ElasticScores(local=dino, c=np.asarray(factors[pool.index(entry)]), layout=base.layout,
                                    floors=base.floors, ranking=base.ranking)
             eval_scores(setup, cfg, cache, f"abl_{choose}", sc, cfg.ablation_sparsities, log)
+    validation_defaults(setup, cfg, cache, rankings, log)
     proxy_study(setup, cfg, cache, dino, rankings["elastic"], cache.get("trajectory/main") or [], log)
     measure_latency(setup, cfg, cache, rankings, log)
     cache.put("wall_s", (cache.get("wall_s") or 0.0) + time.perf_counter() - t_start)  # summed over resumed runs

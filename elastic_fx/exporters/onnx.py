@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
+from ..tracing import EXAMPLE_INPUTS_META
 from ..version import __version__
 
 logger = logging.getLogger(__name__)
@@ -379,6 +380,15 @@ def _references(module: torch.nn.Module, example: torch.Tensor, batches: Sequenc
     return refs
 
 
+def _carried_example(module: Any) -> torch.Tensor:
+    """The example input a GraphModule from ``efx.trace`` (or sliced from one) carries."""
+    carried = getattr(module, "meta", {}).get(EXAMPLE_INPUTS_META) if hasattr(module, "meta") else None
+    if not carried or not isinstance(carried[0], torch.Tensor):
+        raise ExportError("pass example_input (one input batch, e.g. torch.randn(1, 3, 224, 224)): this module "
+                          "carries none (GraphModules from efx.trace and efx.slice do)")
+    return carried[0]
+
+
 def _check_args(module: Any, example_input: Any, opset: int, check_batch_sizes: Sequence[int],
                 atol: Optional[float], rtol: Optional[float], exporter: str) -> None:
     import onnx
@@ -406,7 +416,7 @@ def _check_args(module: Any, example_input: Any, opset: int, check_batch_sizes: 
 def export_onnx(
     module: torch.nn.Module,
     path: os.PathLike | str,
-    example_input: torch.Tensor,
+    example_input: Optional[torch.Tensor] = None,
     *,
     opset: int = 18,
     dynamic_batch: bool = True,
@@ -425,7 +435,8 @@ def export_onnx(
             Its train/eval mode is restored afterwards.
         path: the ``.onnx`` file to write; missing parent folders are created.
         example_input: one input batch, ``[B, ...]``; used for tracing only (the checks
-            use fresh random inputs).
+            use fresh random inputs). Default: the example a GraphModule from
+            :func:`elastic_fx.trace` / :func:`elastic_fx.slice` carries.
         opset: ONNX opset of the default domain (13..newest known to ``onnx``).
         dynamic_batch: export the first axis as the symbolic ``batch``. When False the
             file accepts only the example's batch size, and only that one is checked.
@@ -445,6 +456,8 @@ def export_onnx(
         ExportError: bad arguments, an unwritable directory, an export that fails or does
             not match PyTorch. No file (and no temporary file) is left behind.
     """
+    if example_input is None:
+        example_input = _carried_example(module)
     _check_args(module, example_input, opset, check_batch_sizes, atol, rtol, exporter)
     default_atol, default_rtol = DEFAULT_TOLERANCE["float16" if fp16 else "float32"]
     atol = default_atol if atol is None else float(atol)

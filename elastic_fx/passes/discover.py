@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import DiscoveryError
-from ..structures import STRUCTURE_META, AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap
+from ..structures import STRUCTURE_META, AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap, structures_of
 from ..tracing import TRACER_META, example_inputs_of, trace
 from ._attention import AttentionCore, find_cores, find_mha_nodes, mha_head_rows
 from ._labels import LabelInterpreter, LinearInfo, Watch, _fetch_attr, find_linears, head_table, op_name
@@ -434,8 +434,9 @@ def prepare(model: nn.Module, example_inputs: Optional[Sequence] = None,
     (or stored in ``gm.meta`` by an earlier :func:`discover`) is not searched for again.
     """
     gm = trace(model, example_inputs)
-    smap = structures if structures is not None else gm.meta.get(STRUCTURE_META) or discover(gm)
-    return gm, smap
+    if structures is not None:
+        return gm, structures
+    return gm, structures_of(gm) if STRUCTURE_META in gm.meta else discover(gm)
 
 
 def discover(gm: fx.GraphModule) -> StructureMap:
