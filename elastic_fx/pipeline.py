@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from .errors import ConfigError
 from .passes.discover import prepare
 from .scores import ElasticScores
 from .scoring.local import local_scores
-from .search.search import CHECKPOINT_NAME, SearchConfig, _load_checkpoint, search, validate
+from .search.search import CHECKPOINT_NAME, SearchConfig, load_checkpoint, search, validate
 from .structures import StructureMap
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,8 @@ def prune(
     t0 = time.time()
     resumed = None
     if resume and checkpoint_dir:
-        from pathlib import Path
-
         path = Path(checkpoint_dir) / CHECKPOINT_NAME
-        resumed = ctx.main_then_share(lambda: _load_checkpoint(path, smap, cfg), "reading the checkpoint")
+        resumed = ctx.main_then_share(lambda: load_checkpoint(path, smap, cfg), "reading the checkpoint")
     if resumed is not None:
         local = resumed["local"]
     elif local is None:

@@ -31,6 +31,7 @@ on the number of processes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -50,6 +51,7 @@ from ..passes.embedding import embedding_module
 from ..passes.mask import build_masked
 from ..scores import ElasticScores, Layout, LocalScores, rescale
 from ..structures import StructureMap
+from .cka import cka_covariance, cka_matrix, structure_features
 from .evaluate import DEFAULT_ROWS_PER_FORWARD, masked_embeddings
 from .fitness import DEFAULT_ERROR_SHARE, PCACosineFitness, choose_dim
 from .space import SPACES, SearchSpace
@@ -294,7 +296,7 @@ def search(
         raise ElasticFxError("this model has no prunable heads or FFN neurons to search over")
     space = SearchSpace(layout, cfg.space, cfg.ranking)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-    state = ctx.main_then_share(lambda: _load_checkpoint(ckpt_path, smap, cfg) if resume else None,
+    state = ctx.main_then_share(lambda: load_checkpoint(ckpt_path, smap, cfg) if resume else None,
                                 "reading the checkpoint")
     if resume and state is None:
         raise ElasticFxError(f"resume=True but no checkpoint found at {ckpt_path}; run without resume first")
@@ -510,16 +512,12 @@ def _progress(total: int, done: int, enabled: bool):
 def _local_state(local: LocalScores) -> Dict[str, Any]:
     """The local scores as plain tensors and strings (``torch.load(weights_only=True)`` reads them)."""
     meta, tensors = local._parts()
-    import json
-
     return {"meta": json.dumps(meta, default=str), "tensors": tensors}
 
 
-def _load_checkpoint(path: Optional[Path], smap: StructureMap, cfg: SearchConfig) -> Optional[Dict[str, Any]]:
+def load_checkpoint(path: Optional[Path], smap: StructureMap, cfg: SearchConfig) -> Optional[Dict[str, Any]]:
     if path is None or not path.is_file():
         return None
-    import json
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
@@ -550,7 +548,5 @@ def _load_checkpoint(path: Optional[Path], smap: StructureMap, cfg: SearchConfig
 
 def _cka_cov(gm, smap, images, layout):
     """CKA similarity between structure outputs -> initial xNES covariance (paper App. E)."""
-    from .cka import cka_covariance, cka_matrix, structure_features
-
     feats = structure_features(gm, smap, images[: min(len(images), 256)], layout)
     return cka_covariance(cka_matrix(feats)).numpy()
