@@ -52,8 +52,12 @@ def load_model(spec: str, *, pretrained: bool = False, checkpoint: Optional[str]
         raise ElasticFxError(f"unknown model source {kind!r} in {spec!r}; use {SPEC_HELP}")
     if checkpoint:
         load_checkpoint(model, checkpoint)
-    if input_size is not None and kind not in ("timm", "hf", "torchvision"):
-        resize_model(model, input_size)
+    if input_size is not None:
+        patch = _patch(model)
+        if patch and (input_size[0] % patch[0] or input_size[1] % patch[1]):
+            raise _refuse_size(model, input_size)  # timm builds such a model, then fails on every input
+        if kind not in ("timm", "hf", "torchvision"):
+            resize_model(model, input_size)
     return model.eval()
 
 
