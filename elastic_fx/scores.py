@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_write
-from .budget import RANKINGS, Floors, budget_masks
+from .budget import RANKINGS, Floors, ScoreSums, budget_masks
 from .errors import ElasticFxError, ScoresError
 from .structures import StructureMap
 from .version import __version__
@@ -75,6 +75,11 @@ class LocalScores:
     fingerprint: str
     blocks: List[dict]
     config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.normalized_scores:  # tag the sums, so budget_masks refuses to rank them by mistake
+            self.head_scores = ScoreSums(self.head_scores)
+            self.neuron_scores = ScoreSums(self.neuron_scores)
 
     def __repr__(self) -> str:
         return (f"LocalScores(method={self.method!r}, mode={self.mode!r}, images={self.num_images}, "
