@@ -83,7 +83,7 @@ def check_output(path: "str | os.PathLike[str]", what: str = "the output",
         if directory and not stat.S_ISDIR(mode):
             raise error(f"{what} {p} exists and is not a directory; give a new or existing folder")
         if not directory and stat.S_ISDIR(mode):
-            raise error(f"{what} {p} is an existing directory; give a file path, e.g. {p / 'scores.efx'}")
+            raise error(f"{what} {p} is a directory, not a file; give a file path, e.g. {p / 'scores.efx'}")
         if not directory and not stat.S_ISREG(mode):
             raise error(f"{what} {p} is a special file (a device, FIFO or socket), not a regular file; elastic_fx "
                         "never replaces one: give a regular file path")
@@ -93,7 +93,7 @@ def check_output(path: "str | os.PathLike[str]", what: str = "the output",
             raise error(f"{what} {p} is inside {root}, a virtual file system, not a place for files; "
                         "choose a path on a disk")
     if not ancestor.is_dir():
-        raise error(f"{what} {p}: {ancestor} is a file, not a directory, so nothing can be created under it; "
+        raise error(f"Cannot create the output directory {ancestor} for {what} {p}: it is a file, not a directory; "
                     "choose another path")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise error(f"{what} {p}: cannot write to {ancestor} (permission denied); choose another path")

@@ -119,17 +119,17 @@ NO_GPU = not torch.cuda.is_available()
 #: (name, argv, exit code, pattern of the error line). argparse refusals exit 2, elastic_fx's own 1.
 CASES = [
     # --- output paths, checked before any work
-    ("out is a directory (prune)", "prune SPEC --out T/a_dir", 1, r"--out .*a_dir is an existing directory"),
-    ("out is a directory (score)", "score SPEC --out T/a_dir", 1, r"--out .*is an existing directory"),
+    ("out is a directory (prune)", "prune SPEC --out T/a_dir", 1, r"--out .*a_dir is a directory, not a file"),
+    ("out is a directory (score)", "score SPEC --out T/a_dir", 1, r"--out .*is a directory, not a file"),
     ("out is a directory (import-scores)", "import-scores T/stride0.pt --model SPEC --out T/a_dir", 1,
-     r"--out .*is an existing directory"),
+     r"--out .*is a directory, not a file"),
     ("out is empty", "prune SPEC --out ''", 1, r"--out is empty"),
     ("out is a symlink", "prune SPEC --out T/link.efx", 1, r"symbolic link"),
     ("out is a FIFO", "score SPEC --out T/fifo.efx", 1, r"special file"),
     ("out is a device node", "prune SPEC --out T/null.efx", 1, r"special file"),
     ("out under /proc", "prune SPEC --out /proc/efx_test.efx", 1, r"inside /proc, a virtual file system"),
     ("out under /sys", "score SPEC --out /sys/efx_test.efx", 1, r"inside /sys, a virtual file system"),
-    ("out under a file", "prune SPEC --out T/a_file/x.efx", 1, r"is a file, not a directory"),
+    ("out under a file", "prune SPEC --out T/a_file/x.efx", 1, r"Cannot create the output directory .*a_file for --out .*: it is a file"),
     ("out name too long", "prune SPEC --out T/" + "n" * 300 + ".efx", 1, r"longer than the \d+ this file system"),
     ("checkpoint-dir is a file", "prune SPEC --out T/o.efx --checkpoint-dir T/a_file", 1, r"not a directory"),
     ("report out-dir is a file", "report SCORES SPEC --out-dir T/a_file", 1, r"--out-dir .* not a directory"),
