@@ -195,9 +195,11 @@ def _scores_for(args, gm, smap):
         return ElasticScores.load(spec, smap)
     except ScoresError as first:
         try:
-            return ElasticScores.from_local(LocalScores.load(spec, smap), smap)
+            local = LocalScores.load(spec)  # a file from elastic-fx score?
         except ScoresError:
             raise first from None
+    local.check(smap)  # for another model: say that, not "no search result"
+    return ElasticScores.from_local(local, smap)
 
 
 def cmd_export(args) -> int:
@@ -425,6 +427,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Advice written for Python callers, as a command-line user acts on it (the library's errors
+#: name Python calls; the command names its own flags).
+_CLI_WORDS = [
+    (r"; ask for at most that, or pass floors=Floors\(\.\.\.\) with smaller fractions",
+     "; ask for at most that with --sparsity"),
+    (r"; lower it or pass floors=Floors\(\.\.\.\)", "; lower it"),
+    (r"Recompute the scores for this model with efx\.local_scores\(model, images\)\.",
+     "Recompute them for this model with elastic-fx score MODEL --out FILE."),
+    (r"Score this model with elastic-fx prune \(efx\.prune\)\.", "Score this model with elastic-fx prune MODEL --out FILE."),
+    (r"elastic-fx prune / ElasticScores\.save\(\)", "elastic-fx prune"),
+    (r"LocalScores\.save\(\)", "elastic-fx score"),
+    (r"run elastic-fx prune on it, or use ElasticScores\.from_local\(LocalScores\.load\(path\), smap\) for the "
+     r"ranking without search\.", "run elastic-fx prune, or give it to --scores of export / eval (ranked without search)."),
+]
+
+
+def _for_cli(message: str) -> str:
+    import re
+
+    for pattern, words in _CLI_WORDS:
+        message = re.sub(pattern, words, message)
+    return message
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -440,7 +466,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ElasticFxError as e:
-        print(f"elastic-fx {args.command}: error: {e}", file=sys.stderr)
+        print(f"elastic-fx {args.command}: error: {_for_cli(str(e))}", file=sys.stderr)
         return 1
     except OSError as e:  # the system refused a read or write (disk full, permissions, a vanished file)
         where = f" ({e.filename})" if e.filename else ""

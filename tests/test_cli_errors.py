@@ -31,6 +31,9 @@ FACTORY = textwrap.dedent(
     def bare():  # a plain timm class built in a user's file: no pretrained_cfg statistics
         return VisionTransformer(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=0)
 
+    def other():  # another structure: 4 heads of 16
+        return VisionTransformer(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=4, num_classes=0)
+
     def raises():
         raise RuntimeError("no weights here")
 
@@ -57,6 +60,7 @@ def env(tmp_path_factory):
     # a score file, then copies of it with the metadata tampered
     scores = d / "s.efx"
     assert main(["score", f"{d / 'models.py'}:tiny", "--method", "magnitude", "--out", str(scores)]) == 0
+    assert main(["score", f"{d / 'models.py'}:other", "--method", "magnitude", "--out", str(d / "other.efx")]) == 0
     return d
 
 
@@ -143,7 +147,9 @@ CASES = [
     ("dense and near-dense share a name", "export SPEC --sparsity 0.0 0.004 --out-dir T/new", 1,
      r"both round to the file name sparsity_00.onnx"),
     ("unreachable second budget leaves a good out-dir alone", "export SPEC --sparsity 0.2 0.99 --out-dir GOOD", 1,
-     r"error: .*(cannot be reached|unreachable|floors)"),
+     r"sparsity 0.99 cannot be reached: .*; ask for at most that with --sparsity$"),
+    ("scores of another model", "export SPEC --scores OTHER --sparsity 0.2 --out-dir T/new", 1,
+     r"different model: .*elastic-fx (score|prune) MODEL --out FILE"),
     ("export while another export holds the lock", "export SPEC --sparsity 0.2 --out-dir LOCKED", 1,
      r"another elastic-fx process is writing"),
     ("export with a corrupt score file", "export SPEC --scores T/badjson.efx --sparsity 0.2 --out-dir T/new", 1,
@@ -213,7 +219,7 @@ def test_cli_error_paths(name, command, code, pattern, env, tmp_path, capsys):
         pytest.skip("making a device node needs root")
     case = _setup(tmp_path, env)
     spec = f"{env / 'models.py'}:tiny"
-    words = [w.replace("SPEC", spec).replace("T/", f"{case}/").replace("E/", f"{env}/").replace("SCORES", str(env / "s.efx"))
+    words = [w.replace("SPEC", spec).replace("T/", f"{case}/").replace("E/", f"{env}/").replace("SCORES", str(env / "s.efx")).replace("OTHER", str(env / "other.efx"))
              .replace("GOOD", str(env / "good_export")).replace("LOCKED", str(case / "locked"))
              for w in shlex.split(command)]
     before = _snapshot(case), _snapshot(env)
@@ -229,6 +235,8 @@ def test_cli_error_paths(name, command, code, pattern, env, tmp_path, capsys):
     lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(lines) == 1, f"wanted one error line, got:\n{err}"
     assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
+    assert not re.search(r"\befx\.|Floors\(|\.save\(\)|\.load\(|from_local|example_inputs", lines[0]), \
+        f"a command-line error names a Python call: {lines[0]!r}"
     if not name.startswith("export while another"):
         assert before == after, "the command changed files although it failed"
     else:
