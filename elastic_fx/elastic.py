@@ -49,6 +49,11 @@ class ElasticModel:
         self.gm, self.smap = prepare(model_or_gm, example_inputs, structures)
         if pre and self.gm.meta.get(PREPROCESS_META) is None:
             self.gm.meta[PREPROCESS_META] = PreprocessConfig.from_dict(pre)
+        if pre:
+            size = tuple(int(v) for v in example_inputs_of(self.gm)[0].shape[-2:])
+            if size != tuple(pre["input_size"]):
+                log.warning("the scores were computed at %sx%s inputs, this model is traced at %sx%s; the ranking "
+                            "may not transfer: prune at the size you deploy", *pre["input_size"], *size)
         self.scores.check(self.smap)
         self._cache: Dict[Tuple, fx.GraphModule] = {}
 

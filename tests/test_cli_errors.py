@@ -305,3 +305,29 @@ def test_mean_std_flags_reach_the_scores(env, tmp_path):
     assert main(argv) == 0
     pre = efx.ElasticScores.load(out).preprocess
     assert pre["mean"] == pytest.approx([0.1, 0.2, 0.3]) and pre["std"] == pytest.approx([0.4, 0.5, 0.6])
+
+
+# ----------------------------------------------------------------------------- weak spots named in the issue
+def test_nan_weights_are_a_numbers_error_not_a_tracing_one():
+    from zoo import build
+
+    model, inputs = build("timm_vit")
+    with torch.no_grad():
+        next(model.parameters())[0].fill_(float("nan"))
+    with pytest.raises(efx.NumericalError, match=r"NaN or inf in its weights \("):
+        efx.trace(model, inputs)
+    clean, inputs = build("timm_vit")
+    with pytest.raises(efx.NumericalError, match="example input 0 holds NaN"):
+        efx.trace(clean, (torch.full_like(inputs[0], float("inf")),))
+
+
+def test_fractional_keep_indices_are_refused():
+    from elastic_fx.keep import normalize_keep
+    from zoo import build
+
+    model, inputs = build("timm_vit")
+    smap = efx.discover(efx.trace(model, inputs))
+    heads = smap.blocks[0].attention.num_heads
+    assert normalize_keep(smap, {0: {"heads": [0.0, 1.0]}})[0]["heads"] == [0, 1]
+    with pytest.raises(efx.SliceError, match="not a whole number"):
+        normalize_keep(smap, {0: {"heads": [0, 1.7][:heads]}})

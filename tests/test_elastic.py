@@ -103,3 +103,14 @@ def test_export_onnx_per_budget_with_manifest(model_scores, tmp_path):
         assert (tmp_path / "out" / e["file"]).is_file()
         assert e["ort_max_abs_diff"] < 1e-4
     assert manifest["budgets"][1]["params"] < manifest["budgets"][0]["params"]
+
+
+def test_scores_from_another_input_size_warn(model_scores, caplog):
+    gm, smap, scores = model_scores
+    size = tuple(gm.meta["elastic_fx.example_inputs"][0].shape[-2:])
+    other = dict(scores.__dict__)
+    other["preprocess"] = {"input_size": [size[0] * 2, size[1] * 2], "mean": [0.5] * 3, "std": [0.5] * 3,
+                           "interpolation": "bicubic", "crop_pct": 0.875}
+    with caplog.at_level("WARNING", logger="elastic_fx.elastic"):
+        efx.ElasticModel(gm, efx.ElasticScores(**other))
+    assert "the scores were computed at" in caplog.text
