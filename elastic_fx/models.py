@@ -11,6 +11,7 @@ under ``state_dict`` / ``model`` is unwrapped) with strict key matching.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -158,7 +159,8 @@ def _hf(name: str, pretrained: bool, input_size: Optional[Tuple[int, int]] = Non
             vision.image_size = input_size[0]
         if pretrained or Path(name).is_dir():
             # a new image_size: the checkpoint's position embeddings are interpolated to it below
-            model = AutoModel.from_pretrained(name, config=config, ignore_mismatched_sizes=input_size is not None)
+            with _quiet_transformers():  # its load report lists the resized position table as a mismatch
+                model = AutoModel.from_pretrained(name, config=config, ignore_mismatched_sizes=input_size is not None)
             if input_size is not None:
                 _hf_interpolate_positions(model, name)
         else:
@@ -174,11 +176,24 @@ def _hf(name: str, pretrained: bool, input_size: Optional[Tuple[int, int]] = Non
     return getattr(model, "vision_model", model) if not hasattr(model, "embeddings") else model
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _hf_interpolate_positions(model: nn.Module, name: str) -> None:
     """Replace freshly initialised position embeddings by the checkpoint's, interpolated."""
     from transformers import AutoModel
 
-    original = AutoModel.from_pretrained(name)
+    with _quiet_transformers():
+        original = AutoModel.from_pretrained(name)
     theirs = dict(original.state_dict())
     own = model.state_dict()
     for key, value in own.items():
@@ -233,6 +248,9 @@ def _torchvision(name: str, pretrained: bool, input_size: Optional[Tuple[int, in
     except TypeError as e:
         raise ConfigError(f"--input-size: torchvision:{name} cannot be built for another input size ({e}); "
                           "drop --input-size") from None
+    except AssertionError as e:  # torchvision asserts the size divides into patches
+        raise ConfigError(f"--input-size {input_size[0]} {input_size[1]} does not fit torchvision:{name} ({e}); "
+                          "it accepts multiples of its patch size (> 0): choose one, or drop --input-size") from None
     except ValueError as e:
         if extra and "image_size" in str(e):
             raise ConfigError(f"--input-size {input_size[0]} {input_size[1]} does not fit torchvision:{name}: "

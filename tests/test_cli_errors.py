@@ -331,3 +331,51 @@ def test_fractional_keep_indices_are_refused():
     assert normalize_keep(smap, {0: {"heads": [0.0, 1.0]}})[0]["heads"] == [0, 1]
     with pytest.raises(efx.SliceError, match="not a whole number"):
         normalize_keep(smap, {0: {"heads": [0, 1.7][:heads]}})
+
+
+# ----------------------------------------------------------------------------- Hugging Face and torchvision
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("hf")
+    small = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=32,
+                 patch_size=8)
+    transformers.Dinov2Model(transformers.Dinov2Config(**small)).save_pretrained(d / "dino")
+    transformers.BitImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                                   crop_size={"height": 32, "width": 32},
+                                   size={"shortest_edge": 36}).save_pretrained(d / "dino")
+    transformers.ViTModel(transformers.ViTConfig(**small)).save_pretrained(d / "vit")
+    return d
+
+
+def test_hf_dir_uses_its_saved_image_processor(hf_dirs, tmp_path):
+    out = tmp_path / "dino.efx"
+    argv = ["prune", f"hf:{hf_dirs / 'dino'}", "--out", str(out), "--iterations", "1", "--sparsities", "0.3",
+            "--num-images", "4", "--fitness-images", "8", "--batch-size", "2", "--pca-dim", "4"]
+    assert main(argv) == 0
+    pre = efx.ElasticScores.load(out).preprocess
+    assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406]) and pre["std"] == pytest.approx([0.229, 0.224, 0.225])
+
+
+def test_hf_input_size_interpolates_the_position_table(hf_dirs, capsys):
+    from elastic_fx.models import load_model
+
+    spec = f"hf:{hf_dirs / 'vit'}"
+    big, same = load_model(spec, input_size=(64, 64)), load_model(spec)
+    assert big.embeddings.position_embeddings.shape[1] == 1 + 8 * 8
+    # the class token's entry is kept, the grid is interpolated from the checkpoint's (not re-initialised)
+    assert torch.equal(big.embeddings.position_embeddings[:, :1], same.embeddings.position_embeddings[:, :1])
+    assert big(torch.randn(1, 3, 64, 64)).last_hidden_state.shape[1] == 65
+    assert main(["inspect", spec, "--input-size", "60", "60"]) == 1
+    assert "accepts multiples of its patch size 8" in capsys.readouterr().err
+
+
+def test_torchvision_input_size(capsys):
+    pytest.importorskip("torchvision")
+    from elastic_fx.models import load_model
+
+    model = load_model("torchvision:vit_b_16", input_size=(32, 32))
+    assert model.image_size == 32
+    assert main(["inspect", "torchvision:vit_b_16", "--input-size", "60", "60"]) == 1
+    err = capsys.readouterr().err
+    assert "--input-size 60 60 does not fit torchvision:vit_b_16" in err and "Traceback" not in err
