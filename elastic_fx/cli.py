@@ -253,7 +253,16 @@ def cmd_prune(args) -> int:
 
     _output(args.out, "--out")
     if args.checkpoint_dir:
+        from pathlib import Path
+
+        from .errors import ConfigError
+        from .search.search import CHECKPOINT_NAME
+
         _output(args.checkpoint_dir, "--checkpoint-dir", directory=True)
+        if not args.resume and (Path(args.checkpoint_dir) / CHECKPOINT_NAME).exists():
+            raise ConfigError(f"--checkpoint-dir {args.checkpoint_dir} already holds a search checkpoint "
+                              f"({CHECKPOINT_NAME}); pass --resume to continue it, or give another --checkpoint-dir "
+                              "to start over (a new run would overwrite it)")
     _sparsities(args.sparsities)
     ctx = _distributed(args)
     model, pre = _load(args)

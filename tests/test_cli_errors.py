@@ -85,6 +85,9 @@ def _setup(case_dir, env):
     """Files some cases need, made inside the case's own folder."""
     (case_dir / "a_dir").mkdir()
     (case_dir / "dir.py").mkdir()
+    (case_dir / "mdir" / "manifest.json").mkdir(parents=True)
+    (case_dir / "ckpt").mkdir()
+    (case_dir / "ckpt" / "search_checkpoint.pt").write_bytes(b"a finished run")
     (case_dir / "a_file").write_text("x")
     (case_dir / "target.txt").write_text("precious")
     os.symlink(case_dir / "target.txt", case_dir / "link.efx")
@@ -138,7 +141,11 @@ CASES = [
     ("checkpoint-dir is a file", "prune SPEC --out T/o.efx --checkpoint-dir T/a_file", 1, r"not a directory"),
     ("report out-dir is a file", "report SCORES SPEC --out-dir T/a_file", 1, r"--out-dir .* not a directory"),
     ("demo out-dir is a file", "demo --offline --out-dir T/a_file", 1, r"--out-dir .* not a directory"),
+    ("a new run onto a complete checkpoint", "prune SPEC --out T/o.efx --checkpoint-dir T/ckpt", 1,
+     r"already holds a search checkpoint .*pass --resume to continue it"),
     # --- export
+    ("manifest.json is a directory", "export SPEC --sparsity 0.3 --out-dir T/mdir", 1,
+     r"already holds files that elastic-fx did not write"),
     ("export out-dir is a file", "export SPEC --sparsity 0.3 --out-dir T/a_file", 1, r"not a directory"),
     ("export through a planted link", "export SPEC --sparsity 0.3 --out-dir T/linked_out", 1,
      r"already holds files that elastic-fx did not write"),

@@ -114,3 +114,15 @@ def test_scores_from_another_input_size_warn(model_scores, caplog):
     with caplog.at_level("WARNING", logger="elastic_fx.elastic"):
         efx.ElasticModel(gm, efx.ElasticScores(**other))
     assert "the scores were computed at" in caplog.text
+
+
+def test_save_onto_a_directory_or_a_link_is_refused(model_scores, tmp_path):
+    _, _, scores = model_scores
+    with pytest.raises(efx.ScoresError, match="is a directory, not a file"):
+        scores.save(tmp_path)
+    (tmp_path / "real.efx").write_text("keep me")
+    (tmp_path / "link.efx").symlink_to(tmp_path / "real.efx")
+    with pytest.raises(efx.ScoresError, match="symbolic link"):
+        scores.save(tmp_path / "link.efx")
+    assert (tmp_path / "real.efx").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.efx", "real.efx"]
