@@ -274,6 +274,7 @@ def cmd_prune(args) -> int:
     scores = prune(model, args.images, iterations=args.iterations, sparsities=_sparsities(args.sparsities),
                    seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume, config=cfg,
                    device=args.device, example_inputs=(torch_randn(pre.input_size),), preprocess=pre)
+    scores.config.setdefault("example_input_shape", [2, 3, *pre.input_size])
     if ctx.is_main:
         path = scores.save(args.out)
         print(f"wrote {path} after {len(scores.history)} generations: {scores.selection.get('summary', '')}")
@@ -432,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--out-dir", default="elastic-fx-demo")
     p.add_argument("--offline", action="store_true", help="do not try to download pretrained weights")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation mean")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation std")
     p.set_defaults(func=cmd_demo)
     return parser
 

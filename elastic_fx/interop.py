@@ -287,6 +287,8 @@ def load_reference_scores(path: "str | os.PathLike[str]", *, packages: Sequence[
             ``packages`` (it could execute code), or its tensors disagree with its shape fields.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ScoresError(f"{path} is a directory, not a score file; give the reference code's .pt score file")
     if not os.path.isfile(path):
         raise ScoresError(f"score file {path} does not exist; download it from the reference code's scores/ folder")
     data, stand_ins = _unpickle_safely(path, packages)

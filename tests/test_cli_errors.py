@@ -187,6 +187,10 @@ CASES = [
     # --- inputs
     ("a FIFO named x.png among the images", "score SPEC --images T/fifo_images --out T/o.st", 1,
      r"no image files"),
+    ("reference score file is a directory", "import-scores T/a_dir --model SPEC --out T/o.efx", 1,
+     r"a_dir is a directory, not a score file"),
+    ("reference score file carries a pickled call", "import-scores T/payload.pt --model SPEC --out T/o.efx", 1,
+     r"refusing to load .*could execute code"),
     ("stride-0 reference tensor", "import-scores T/stride0.pt --model SPEC --out T/o.efx", 1,
      r"declares shape \[2, 150000000\] .* but the file stores 1"),
 ]
