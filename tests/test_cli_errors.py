@@ -87,6 +87,8 @@ def _setup(case_dir, env):
     (case_dir / "dir.py").mkdir()
     (case_dir / "mdir" / "manifest.json").mkdir(parents=True)
     (case_dir / "ckpt").mkdir()
+    (case_dir / "listckpt").mkdir()
+    torch.save([1, 2, 3], case_dir / "listckpt" / "search_checkpoint.pt")
     (case_dir / "ckpt" / "search_checkpoint.pt").write_bytes(b"a finished run")
     (case_dir / "a_file").write_text("x")
     (case_dir / "target.txt").write_text("precious")
@@ -143,6 +145,9 @@ CASES = [
     ("demo out-dir is a file", "demo --offline --out-dir T/a_file", 1, r"--out-dir .* not a directory"),
     ("a new run onto a complete checkpoint", "prune SPEC --out T/o.efx --checkpoint-dir T/ckpt", 1,
      r"already holds a search checkpoint .*pass --resume to continue it"),
+    ("a list saved as the search checkpoint", "prune SPEC --out T/o.efx --checkpoint-dir T/listckpt --resume "
+     "--iterations 1 --sparsities 0.3 --num-images 4 --fitness-images 8 --batch-size 2 --pca-dim 4", 1,
+     r"checkpoint .*search_checkpoint.pt is unreadable .*holds a list, not a checkpoint"),
     # --- export
     ("manifest.json is a directory", "export SPEC --sparsity 0.3 --out-dir T/mdir", 1,
      r"already holds files that elastic-fx did not write"),
@@ -305,6 +310,19 @@ def test_input_size_resizes_the_model(env, capsys):
     assert model(torch.randn(1, 3, 64, 48)).shape == (1, 5)
     timm_model = load_model("timm:vit_tiny_patch16_224", input_size=(32, 32))
     assert timm_model(torch.randn(1, 3, 32, 32)).shape[0] == 1
+
+
+def test_python_prune_then_elastic_model_on_the_bare_model():
+    """The issue's second flow: efx.prune on a bare model with a tensor, then ElasticModel(model, scores)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=0)
+    cfg = efx.SearchConfig(num_images=4, num_fitness_images=8, batch_size=2, pca_dim=4)
+    scores = efx.prune(model, torch.rand(8, 3, 32, 32), iterations=1, sparsities=(0.3,), config=cfg)
+    assert scores.preprocess["input_size"] == [32, 32]
+    small = efx.ElasticModel(model, scores).at(sparsity=0.4)
+    assert small(torch.randn(1, 3, 32, 32)).shape == (1, 48)
 
 
 def test_mean_std_flags_reach_the_scores(env, tmp_path):
