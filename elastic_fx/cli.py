@@ -171,6 +171,9 @@ def cmd_score(args) -> int:
     smap = discover(gm)
     ls = local_scores(gm, args.images, method=args.method, batch_size=args.batch_size, mode=args.mode,
                       seed=args.seed, num_images=args.num_images, device=args.device, structures=smap)
+    from .data import PREPROCESS_META
+
+    ls.config.setdefault("preprocess", gm.meta[PREPROCESS_META].to_dict())  # what the images went through
     if ctx.is_main:
         path = ls.save(args.out)
         print(f"wrote {path}: {args.method} scores for {len(smap.blocks)} blocks")

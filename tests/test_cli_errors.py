@@ -269,6 +269,7 @@ def test_long_legal_name_and_umask_modes(env, tmp_path, capsys):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640
+    assert efx.LocalScores.load(tmp_path / name).config["preprocess"]["input_size"] == [32, 32]
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
