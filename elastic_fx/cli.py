@@ -85,9 +85,15 @@ def _load(args):
 
     size = tuple(args.input_size) if args.input_size else None
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, input_size=size)
-    processor = load_image_processor(args.model)
+    processor, crop = load_image_processor(args.model), None
+    if processor is None and args.model.startswith("hf:") and (args.mean is None or args.std is None):
+        # no processor saved with the model: the Hugging Face ViT default, said once in CLI words
+        print(f"note: {args.model} has no saved image processor; using the Hugging Face ViT default "
+              "mean = std = (0.5, 0.5, 0.5) (pass --mean R G B --std R G B to override)", file=sys.stderr)
+        processor, crop = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2}, 1.0
     try:
-        pre = preprocess_config(model, input_size=size, mean=args.mean, std=args.std, hf_processor=processor)
+        pre = preprocess_config(model, input_size=size, mean=args.mean, std=args.std, crop_pct=crop,
+                                hf_processor=processor)
     except DataError:
         try:
             pre = preprocess_config(model, input_size=size, mean=args.mean or IMAGENET_MEAN,

@@ -398,6 +398,9 @@ def test_hf_input_size_interpolates_the_position_table(hf_dirs, capsys):
     assert big(torch.randn(1, 3, 64, 64)).last_hidden_state.shape[1] == 65
     assert main(["inspect", spec, "--input-size", "60", "60"]) == 1
     assert "accepts multiples of its patch size 8" in capsys.readouterr().err
+    assert main(["inspect", spec]) == 0  # no processor saved: one CLI note, no advice about Python calls
+    err = capsys.readouterr().err
+    assert "has no saved image processor" in err and "hf_processor=" not in err
 
 
 def test_torchvision_input_size(capsys):
