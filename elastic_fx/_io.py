@@ -29,8 +29,10 @@ from typing import Callable, Iterator, Optional, Type
 
 from .errors import ElasticFxError
 
-#: Folders holding virtual file systems: writing there changes the system, never a file.
+#: Folders holding virtual file systems: writing there changes the system, never a file
+#: (``/dev/shm`` is ordinary shared memory for files, so it is allowed).
 VIRTUAL_ROOTS = ("/proc", "/sys", "/dev")
+_FILE_SYSTEMS_UNDER_DEV = ("/dev/shm",)
 #: Temporary names: a fixed prefix and suffix around mkstemp's 8 random characters.
 _TMP_PREFIX, _TMP_SUFFIX = ".efx-", ".tmp"
 
@@ -88,8 +90,9 @@ def check_output(path: "str | os.PathLike[str]", what: str = "the output",
             raise error(f"{what} {p} is a special file (a device, FIFO or socket), not a regular file; elastic_fx "
                         "never replaces one: give a regular file path")
     resolved = str(ancestor.resolve())
+    allowed = any(resolved == r or resolved.startswith(r + "/") for r in _FILE_SYSTEMS_UNDER_DEV)
     for root in VIRTUAL_ROOTS:
-        if resolved == root or resolved.startswith(root + "/"):
+        if not allowed and (resolved == root or resolved.startswith(root + "/")):
             raise error(f"{what} {p} is inside {root}, a virtual file system, not a place for files; "
                         "choose a path on a disk")
     if not ancestor.is_dir():
