@@ -464,9 +464,15 @@ _CLI_WORDS = [
 ]
 
 
+#: torch's refusal to unpickle code runs to several lines and suggests weights_only=False: never repeat it.
+_TORCH_REFUSAL = r"UnpicklingError: Weights only load failed\..*?(?=\); |\)$|$)"
+
+
 def _for_cli(message: str) -> str:
     import re
 
+    message = re.sub(_TORCH_REFUSAL, "it holds Python objects other than tensors, which could run code when "
+                     "loaded; refused", message, flags=re.DOTALL)
     for pattern, words in _CLI_WORDS:
         message = re.sub(pattern, words, message)
     return message

@@ -88,6 +88,8 @@ def _setup(case_dir, env):
     (case_dir / "mdir" / "manifest.json").mkdir(parents=True)
     (case_dir / "ckpt").mkdir()
     (case_dir / "listckpt").mkdir()
+    (case_dir / "evilckpt").mkdir()
+    torch.save({"x": _Payload()}, case_dir / "evilckpt" / "search_checkpoint.pt")
     torch.save([1, 2, 3], case_dir / "listckpt" / "search_checkpoint.pt")
     (case_dir / "ckpt" / "search_checkpoint.pt").write_bytes(b"a finished run")
     (case_dir / "a_file").write_text("x")
@@ -148,6 +150,9 @@ CASES = [
     ("a list saved as the search checkpoint", "prune SPEC --out T/o.efx --checkpoint-dir T/listckpt --resume "
      "--iterations 1 --sparsities 0.3 --num-images 4 --fitness-images 8 --batch-size 2 --pca-dim 4", 1,
      r"checkpoint .*search_checkpoint.pt is unreadable .*holds a list, not a checkpoint"),
+    ("a pickled call as the search checkpoint", "prune SPEC --out T/o.efx --checkpoint-dir T/evilckpt --resume "
+     "--iterations 1 --sparsities 0.3 --num-images 4 --fitness-images 8 --batch-size 2 --pca-dim 4", 1,
+     r"search_checkpoint.pt is unreadable .*could run code when loaded; refused"),
     # --- export
     ("manifest.json is a directory", "export SPEC --sparsity 0.3 --out-dir T/mdir", 1,
      r"already holds files that elastic-fx did not write"),
@@ -248,6 +253,7 @@ def test_cli_error_paths(name, command, code, pattern, env, tmp_path, capsys):
 
     assert got == code, f"exit {got}, wanted {code}; stderr:\n{err}"
     assert "Traceback" not in err
+    assert "weights_only" not in err  # never suggest unsafe loading
     lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(lines) == 1, f"wanted one error line, got:\n{err}"
     assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
