@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import ConfigError, ElasticFxError
+from .errors import ConfigError, ElasticFxError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def load_model(spec: str, *, pretrained: bool = False, checkpoint: Optional[str]
     """
     kind, sep, name = spec.partition(":")
     if not sep or not name:
-        raise ElasticFxError(f"model spec {spec!r} is not one of {SPEC_HELP}")
+        raise ModelError(f"model spec {spec!r} is not one of {SPEC_HELP}")
     if input_size is not None:
         input_size = _check_size(input_size)
     if kind == "timm":
@@ -50,7 +50,7 @@ def load_model(spec: str, *, pretrained: bool = False, checkpoint: Optional[str]
     elif kind.endswith(".py") or Path(kind).suffix == ".py":
         model = _factory(kind, name, **kwargs)
     else:
-        raise ElasticFxError(f"unknown model source {kind!r} in {spec!r}; use {SPEC_HELP}")
+        raise ModelError(f"unknown model source {kind!r} in {spec!r}; use {SPEC_HELP}")
     if checkpoint:
         load_checkpoint(model, checkpoint)
     if input_size is not None:
@@ -119,7 +119,7 @@ def _timm(name: str, pretrained: bool, input_size: Optional[Tuple[int, int]] = N
     import timm
 
     if name not in timm.list_models(pretrained=False) and not timm.is_model(name):
-        raise ElasticFxError(f"timm has no model called {name!r}; list them with timm.list_models('*vit*')")
+        raise ModelError(f"timm has no model called {name!r}; list them with timm.list_models('*vit*')")
     if input_size is not None:
         kwargs["img_size"] = input_size
     try:
@@ -133,7 +133,7 @@ def _timm(name: str, pretrained: bool, input_size: Optional[Tuple[int, int]] = N
             if model is not None:
                 raise _refuse_size(model, input_size, f"{type(e).__name__}: {e}") from None
         if pretrained:
-            raise ElasticFxError(
+            raise ModelError(
                 f"could not load pretrained weights for timm:{name} ({type(e).__name__}: {e}). Without network "
                 "access, build it without --pretrained and pass --checkpoint PATH to a local state dict."
             ) from e
@@ -144,7 +144,7 @@ def _hf(name: str, pretrained: bool, input_size: Optional[Tuple[int, int]] = Non
     try:
         from transformers import AutoConfig, AutoModel
     except ImportError as e:
-        raise ElasticFxError("hf: models need the transformers package: pip install transformers") from e
+        raise ModelError("hf: models need the transformers package: pip install transformers") from e
     try:
         config = AutoConfig.from_pretrained(name)
         vision = getattr(config, "vision_config", None) or config
@@ -168,7 +168,7 @@ def _hf(name: str, pretrained: bool, input_size: Optional[Tuple[int, int]] = Non
     except ElasticFxError:
         raise
     except Exception as e:
-        raise ElasticFxError(
+        raise ModelError(
             f"could not load Hugging Face model {name!r} ({type(e).__name__}: {e}). Give a local directory "
             "holding config.json (and weights), or make the hub reachable."
         ) from e
@@ -198,20 +198,27 @@ def _hf_interpolate_positions(model: nn.Module, name: str) -> None:
     own = model.state_dict()
     for key, value in own.items():
         old = theirs.get(key)
-        if old is None or old.shape == value.shape or "position" not in key:
+        if old is None or old.shape == value.shape:
             continue
-        model.load_state_dict({key: _interpolate_grid(old, value.shape)}, strict=False)
+        table = _interpolate_grid(old, value.shape) if "position_embedding" in key else None
+        if table is None:  # e.g. BEiT's relative position bias: a table this code cannot resize
+            raise ConfigError(f"--input-size: hf:{name} has a {key} of shape {list(old.shape)} that cannot be "
+                              "resized here; drop --input-size and use the model's own size")
+        model.load_state_dict({key: table}, strict=False)
 
 
-def _interpolate_grid(old: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``[1, extra + g*g, D]`` (or ``[extra + g*g, D]``) position table resized to ``shape``."""
+def _interpolate_grid(old: torch.Tensor, shape: torch.Size) -> Optional[torch.Tensor]:
+    """``[1, extra + g*g, D]`` (or ``[extra + g*g, D]``) position table resized to ``shape``
+    (bicubic over the grid, the extra tokens' entries kept); None for any other table."""
     import math
 
     flat = old.reshape(-1, old.shape[-1])
     n_new = int(torch.Size(shape).numel() // shape[-1])
     g_old = int(math.isqrt(flat.shape[0]))
     extra = flat.shape[0] - g_old * g_old
-    g_new = int(math.isqrt(n_new - extra))
+    g_new = int(math.isqrt(max(n_new - extra, 0)))
+    if old.shape[-1] != shape[-1] or extra > 8 or g_new * g_new + extra != n_new:
+        return None  # not a [extra tokens + square grid, width] table
     grid = flat[extra:].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)
     grid = torch.nn.functional.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
     out = torch.cat([flat[:extra], grid.permute(0, 2, 3, 1).reshape(g_new * g_new, -1)])
@@ -236,7 +243,7 @@ def _torchvision(name: str, pretrained: bool, input_size: Optional[Tuple[int, in
     try:
         import torchvision
     except ImportError as e:
-        raise ElasticFxError("torchvision: models need torchvision: pip install torchvision") from e
+        raise ModelError("torchvision: models need torchvision: pip install torchvision") from e
     extra = {}
     if input_size is not None:
         if input_size[0] != input_size[1]:
@@ -255,9 +262,9 @@ def _torchvision(name: str, pretrained: bool, input_size: Optional[Tuple[int, in
         if extra and "image_size" in str(e):
             raise ConfigError(f"--input-size {input_size[0]} {input_size[1]} does not fit torchvision:{name}: "
                               f"{e}; choose a multiple of the patch size, or without --pretrained any such size") from None
-        raise ElasticFxError(f"torchvision has no model called {name!r}") from e
+        raise ModelError(f"torchvision has no model called {name!r}") from e
     except Exception as e:
-        raise ElasticFxError(
+        raise ModelError(
             f"could not build torchvision:{name} ({type(e).__name__}: {e}); without network access drop "
             "--pretrained and pass --checkpoint PATH"
         ) from e
@@ -267,33 +274,33 @@ def _factory(path: str, fn: str, **kwargs) -> nn.Module:
     p = Path(path)
     if not p.is_file():
         what = "is a directory, not a Python file" if p.is_dir() else "does not exist"
-        raise ElasticFxError(f"no such file: {path} {what} (model spec path/to/file.py:factory)")
+        raise ModelError(f"no such file: {path} {what} (model spec path/to/file.py:factory)")
     spec = importlib.util.spec_from_file_location(f"elastic_fx_user_{p.stem}", p)
     module = importlib.util.module_from_spec(spec)
     where = f"{path}:{fn}"
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:
-        raise ElasticFxError(f"{path} has a syntax error at line {e.lineno}: {e.msg}; fix the model file") from None
+        raise ModelError(f"{path} has a syntax error at line {e.lineno}: {e.msg}; fix the model file") from None
     except ImportError as e:
-        raise ElasticFxError(f"{path} failed to import {e.name or ''} ({e}); install the package or fix the "
+        raise ModelError(f"{path} failed to import {e.name or ''} ({e}); install the package or fix the "
                              "import in the model file") from None
     except SystemExit as e:
-        raise ElasticFxError(f"{path} called sys.exit({e.code}) while loading; a model file must only define "
+        raise ModelError(f"{path} called sys.exit({e.code}) while loading; a model file must only define "
                              "its factory") from None
     except Exception as e:  # noqa: BLE001 - the user's code may raise anything
-        raise ElasticFxError(f"{path} raised {type(e).__name__} while loading: {e}; fix the model file") from None
+        raise ModelError(f"{path} raised {type(e).__name__} while loading: {e}; fix the model file") from None
     factory = getattr(module, fn, None)
     if not callable(factory):
-        raise ElasticFxError(f"{path} defines no callable {fn!r}")
+        raise ModelError(f"{path} defines no callable {fn!r}")
     try:
         model = factory(**kwargs)
     except SystemExit as e:
-        raise ElasticFxError(f"{where}() called sys.exit({e.code}) instead of returning a model; fix the factory") from None
+        raise ModelError(f"{where}() called sys.exit({e.code}) instead of returning a model; fix the factory") from None
     except Exception as e:  # noqa: BLE001 - the user's code may raise anything
-        raise ElasticFxError(f"{where}() raised {type(e).__name__}: {e}; fix the factory") from None
+        raise ModelError(f"{where}() raised {type(e).__name__}: {e}; fix the factory") from None
     if not isinstance(model, nn.Module):
-        raise ElasticFxError(f"{path}:{fn}() returned {type(model).__name__}, not an nn.Module")
+        raise ModelError(f"{path}:{fn}() returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -302,7 +309,7 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     p = Path(path)
     if not p.is_file():
         what = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise ElasticFxError(f"--checkpoint {path} {what}; give a state-dict file (.pt, .pth or .safetensors)")
+        raise ModelError(f"--checkpoint {path} {what}; give a state-dict file (.pt, .pth or .safetensors)")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -311,7 +318,7 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ElasticFxError(
+        raise ModelError(
             f"could not read checkpoint {path} ({_first_line(e)}); elastic_fx loads only plain state dicts "
             "(torch.save(model.state_dict()) or .safetensors) and never runs code from a file: save the weights "
             "alone and pass that file"
@@ -320,10 +327,10 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ElasticFxError(f"checkpoint {path} holds {type(state).__name__}, not a state dict")
+        raise ModelError(f"checkpoint {path} holds {type(state).__name__}, not a state dict")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ElasticFxError(
+        raise ModelError(
             f"checkpoint {path} does not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); was it saved from this architecture?"
         )
