@@ -4,8 +4,14 @@ Takes a :class:`~elastic_fx.structures.StructureMap` and one score per prunable 
 (``head_scores`` / ``neuron_scores``: ``{block index: 1-D tensor}``, larger = more important)
 and returns a keep dict for :func:`elastic_fx.slice`::
 
-    keep = efx.budget_masks(smap, head_scores, neuron_scores, sparsity=0.4)
+    keep = efx.budget_masks(smap, scores, sparsity=0.4)       # a LocalScores or ElasticScores
+    keep = efx.budget_masks(smap, head_means, neuron_means, sparsity=0.4)   # or two score dicts
     small = efx.slice(gm, smap, keep)
+
+Given a :class:`~elastic_fx.scores.LocalScores` the walk uses its per-parameter means; given an
+:class:`~elastic_fx.scores.ElasticScores`, its searched ranking (means rescaled by ``c``) with
+its own floors and ranking rule. A LocalScores' raw ``head_scores`` / ``neuron_scores`` are
+per-structure SUMS (tagged :class:`ScoreSums`) and are refused unless ``sums=True`` says so.
 
 What the scores must be
 -----------------------
@@ -98,6 +104,40 @@ _REL_TOL = 1e-9
 
 KeepDict = KeepMask  # the keep vocabulary of elastic_fx.keep, under this module's old name
 Scores = Mapping[int, Any]
+
+
+class ScoreSums(dict):
+    """``{block: tensor}`` of per-structure SUMS of per-entry scores (what
+    :attr:`LocalScores.head_scores <elastic_fx.scores.LocalScores>` holds). A head owns about
+    100x the parameters of a neuron, so ranking sums makes every head outrank every neuron:
+    :func:`budget_masks` refuses these unless called with ``sums=True``."""
+
+
+def _resolve_scores(head_scores: Any, neuron_scores: Any, sparsity: Optional[float], sums: bool,
+                    explicit: dict) -> Tuple[Scores, Scores, Optional[float], dict]:
+    """(head scores, neuron scores, sparsity, settings) from either calling form of budget_masks."""
+    obj = head_scores
+    if hasattr(obj, "head_means") and hasattr(obj, "neuron_means"):  # LocalScores / ElasticScores
+        if isinstance(neuron_scores, (int, float)) and not isinstance(neuron_scores, bool) and sparsity is None:
+            sparsity, neuron_scores = float(neuron_scores), None  # budget_masks(smap, scores, 0.4)
+        if neuron_scores is not None:
+            raise BudgetError("pass either a LocalScores / ElasticScores, or two dicts of scores, not both: "
+                              "efx.budget_masks(smap, scores, sparsity=0.4)")
+        if callable(getattr(obj, "scores", None)) and hasattr(obj, "layout"):  # ElasticScores: its ranking
+            hs, ns = obj.scores()
+            own = {"floors": obj.floors, "ranking": obj.ranking, "head_offset": obj.head_offset}
+            return hs, ns, sparsity, {**own, **{k: v for k, v in explicit.items() if v is not None}}
+        return obj.head_means, obj.neuron_means, sparsity, explicit
+    if neuron_scores is None:
+        raise BudgetError("budget_masks needs scores: a LocalScores or ElasticScores (efx.budget_masks(smap, "
+                          "scores, sparsity=0.4)), or two dicts {block: tensor} of per-parameter mean scores")
+    if not sums and (isinstance(head_scores, ScoreSums) or isinstance(neuron_scores, ScoreSums)):
+        raise BudgetError(
+            "these are per-structure SUMS (LocalScores.head_scores / neuron_scores); a head owns ~100x the "
+            "parameters of a neuron, so ranking sums makes every head outrank every neuron. Pass the scores "
+            "themselves, efx.budget_masks(smap, scores, sparsity=...), which ranks per-parameter means (or pass "
+            "scores.head_means, scores.neuron_means); pass sums=True only to rank by sums on purpose")
+    return head_scores, neuron_scores, sparsity, explicit
 
 #: How heads and neurons are ranked against each other (see "Rankings" in the module docstring).
 RANKINGS = ("global", "separate")
@@ -433,29 +473,41 @@ def structure_order(smap: StructureMap, head_scores: Scores, neuron_scores: Scor
 
 def budget_masks(
     smap: StructureMap,
-    head_scores: Scores,
-    neuron_scores: Scores,
+    head_scores: Any,
+    neuron_scores: Any = None,
     sparsity: Optional[float] = None,
     *,
     flops: Optional[float] = None,
-    floors: Floors = Floors(),
+    floors: Optional[Floors] = None,
     mlp_ratio: Optional[float] = None,
     head_ratio: Optional[float] = None,
-    ranking: str = "global",
-    head_offset: float = DEFAULT_HEAD_OFFSET,
+    ranking: Optional[str] = None,
+    head_offset: Optional[float] = None,
+    sums: bool = False,
 ) -> KeepDict:
     """Keep dict for one budget: exactly one of ``sparsity``, ``flops``, or the ratio pair.
+
+    ``head_scores`` is a :class:`~elastic_fx.scores.LocalScores` (its per-parameter means
+    are ranked) or :class:`~elastic_fx.scores.ElasticScores` (its searched ranking, floors
+    and ranking rule, unless given here), with ``neuron_scores`` left out; or the head half
+    of two ``{block: 1-D tensor}`` dicts, one score per structure, comparable across heads
+    and neurons (per-parameter averages; larger = more important). A LocalScores' raw sums
+    (:class:`ScoreSums`) are refused unless ``sums=True``.
 
     ``sparsity`` in [0, 1): fraction of prunable block parameters removed (smallest achievable
     at or above the target). ``flops`` in (0, 1]: fraction of the dense FLOPs kept at most.
     ``mlp_ratio`` / ``head_ratio`` in [0, 1): fractions of all neurons / heads removed, each
-    kind ranked on its own (the reference's pair). Scores are ``{block: 1-D tensor}``, one
-    score per structure, comparable across heads and neurons (per-parameter averages; larger
-    = more important). See the module docstring for the walk, the floors, the tie-break and
-    the output format. ``ranking`` (``"global"`` or ``"separate"``) and ``head_offset``: see
-    "Rankings" in the module docstring. Raises :class:`BudgetError` for an out-of-range or
-    unreachable budget.
+    kind ranked on its own (the reference's pair). See the module docstring for the walk, the
+    floors, the tie-break and the output format. ``ranking`` (``"global"`` or ``"separate"``)
+    and ``head_offset``: see "Rankings" in the module docstring. Raises :class:`BudgetError`
+    for an out-of-range or unreachable budget, or scores given the wrong way.
     """
+    head_scores, neuron_scores, sparsity, opts = _resolve_scores(
+        head_scores, neuron_scores, sparsity, sums,
+        {"floors": floors, "ranking": ranking, "head_offset": head_offset})
+    floors = opts.get("floors") or Floors()
+    ranking = opts.get("ranking") or "global"
+    head_offset = DEFAULT_HEAD_OFFSET if opts.get("head_offset") is None else opts["head_offset"]
     mode = _mode(sparsity, flops, mlp_ratio, head_ratio)
     t, seq = _walk(smap, head_scores, neuron_scores, floors, ranking, head_offset)
     if mode == "ratios":
@@ -479,13 +531,15 @@ def nested_masks(
     floors: Floors = Floors(),
     ranking: str = "global",
     head_offset: float = DEFAULT_HEAD_OFFSET,
+    sums: bool = False,
 ) -> List[KeepDict]:
     """Keep dicts for several budgets from ONE walk, in the order given (so always nested).
 
     Pass ``sparsities`` or ``flops`` (a sequence of budgets as in :func:`budget_masks`). The
     scores are validated and sorted once, which is what a search evaluating many sparsities
-    per candidate wants.
+    per candidate wants. Raw sums (:class:`ScoreSums`) are refused unless ``sums=True``.
     """
+    _resolve_scores(head_scores, neuron_scores, None, sums, {})
     if (sparsities is None) == (flops is None):
         raise BudgetError("nested_masks takes exactly one of sparsities=[...] or flops=[...]")
     budgets = list(sparsities if sparsities is not None else flops)

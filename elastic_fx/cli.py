@@ -23,11 +23,17 @@ from .models import SPEC_HELP, load_model
 from .version import __version__
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help=f"the model: {SPEC_HELP}")
+def _add_model(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("model", help=f"the model: {SPEC_HELP}")
     p.add_argument("--pretrained", action="store_true", help="download pretrained weights (needs network)")
     p.add_argument("--checkpoint", help="load a local state dict (.pt/.pth/.safetensors) into the model")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="override the model's input size")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="build (or resize) the model for H x W inputs (timm, Hugging Face, torchvision)")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="input normalisation mean (default: the model's own, else ImageNet's)")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="input normalisation std (default: the model's own, else ImageNet's)")
 
 
 def _pca_dim(text: str):
@@ -42,6 +48,69 @@ def _pca_dim(text: str):
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """--device: a torch device name that exists on this machine."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no usable CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device elastic-fx runs on; use cpu or cuda")
+    return text
+
+
+def _load(args):
+    """The model of ``args.model`` (resized by --input-size) and its preprocessing (--mean/--std win)."""
+    from .data import PreprocessConfig, preprocess_config
+    from .errors import DataError
+    from .models import load_image_processor
+
+    size = tuple(args.input_size) if args.input_size else None
+    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, input_size=size)
+    processor, crop = load_image_processor(args.model), None
+    if processor is None and args.model.startswith("hf:") and (args.mean is None or args.std is None):
+        # no processor saved with the model: the Hugging Face ViT default, said once in CLI words
+        print(f"note: {args.model} has no saved image processor; using the Hugging Face ViT default "
+              "mean = std = (0.5, 0.5, 0.5) (pass --mean R G B --std R G B to override)", file=sys.stderr)
+        processor, crop = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2}, 1.0
+    try:
+        pre = preprocess_config(model, input_size=size, mean=args.mean, std=args.std, crop_pct=crop,
+                                hf_processor=processor)
+    except DataError:
+        try:
+            pre = preprocess_config(model, input_size=size, mean=args.mean or IMAGENET_MEAN,
+                                    std=args.std or IMAGENET_STD)
+        except DataError:
+            raise DataError(f"cannot tell the input size of {args.model}; pass --input-size H W "
+                            "(and --mean R G B --std R G B if it was not trained with ImageNet statistics)") from None
+        if args.mean is None or args.std is None:
+            print(f"note: {args.model} carries no normalisation; using ImageNet mean/std "
+                  "(pass --mean R G B --std R G B to override)", file=sys.stderr)
+    return model, PreprocessConfig.from_dict(pre.to_dict())
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 def torch_randn(size):
     import torch
 
@@ -49,16 +118,21 @@ def torch_randn(size):
 
 
 def _model_and_graph(args):
-    import torch
+    from .data import PREPROCESS_META
+    from .tracing import trace
 
-    from .tracing import default_example_inputs, trace
+    model, pre = _load(args)
+    gm = trace(model, (torch_randn(pre.input_size),))
+    gm.meta[PREPROCESS_META] = pre
+    return model, gm
 
-    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
-    if args.input_size:
-        example = (torch.randn(2, 3, *args.input_size),)
-    else:
-        example = default_example_inputs(model)
-    return model, trace(model, example)
+
+def _output(path, flag: str, directory: bool = False) -> None:
+    """Refuse an unsafe output path now, before any expensive work."""
+    from ._io import check_output
+    from .errors import ConfigError
+
+    check_output(path, flag, ConfigError, directory=directory)
 
 
 def cmd_inspect(args) -> int:
@@ -97,11 +171,15 @@ def cmd_score(args) -> int:
     from .passes.discover import discover
     from .scoring.local import local_scores
 
+    _output(args.out, "--out")
     ctx = _distributed(args)
     _, gm = _model_and_graph(args)
     smap = discover(gm)
     ls = local_scores(gm, args.images, method=args.method, batch_size=args.batch_size, mode=args.mode,
                       seed=args.seed, num_images=args.num_images, device=args.device, structures=smap)
+    from .data import PREPROCESS_META
+
+    ls.config.setdefault("preprocess", gm.meta[PREPROCESS_META].to_dict())  # what the images went through
     if ctx.is_main:
         path = ls.save(args.out)
         print(f"wrote {path}: {args.method} scores for {len(smap.blocks)} blocks")
@@ -126,15 +204,21 @@ def _scores_for(args, gm, smap):
         return ElasticScores.load(spec, smap)
     except ScoresError as first:
         try:
-            return ElasticScores.from_local(LocalScores.load(spec, smap), smap)
+            local = LocalScores.load(spec)  # a file from elastic-fx score?
         except ScoresError:
             raise first from None
+    local.check(smap)  # for another model: say that, not "no search result"
+    return ElasticScores.from_local(local, smap)
 
 
 def cmd_export(args) -> int:
     from .elastic import ElasticModel
     from .passes.discover import discover
 
+    from .elastic import budget_file_names
+
+    _output(args.out_dir, "--out-dir", directory=True)
+    budget_file_names(_sparsities(args.sparsity))
     _, gm = _model_and_graph(args)
     smap = discover(gm)
     scores = _scores_for(args, gm, smap)
@@ -158,6 +242,7 @@ def cmd_import_scores(args) -> int:
     from .interop import from_reference, load_reference_scores
     from .passes.discover import discover
 
+    _output(args.out, "--out")
     ref = load_reference_scores(args.file)
     print(f"reference scores: {ref.describe()}")
     if args.model is None:
@@ -175,17 +260,30 @@ def cmd_import_scores(args) -> int:
 def cmd_prune(args) -> int:
     from .pipeline import SearchConfig, prune
 
+    _output(args.out, "--out")
+    if args.checkpoint_dir:
+        from pathlib import Path
+
+        from .errors import ConfigError
+        from .search.search import CHECKPOINT_NAME
+
+        _output(args.checkpoint_dir, "--checkpoint-dir", directory=True)
+        if not args.resume and (Path(args.checkpoint_dir) / CHECKPOINT_NAME).exists():
+            raise ConfigError(f"--checkpoint-dir {args.checkpoint_dir} already holds a search checkpoint "
+                              f"({CHECKPOINT_NAME}); pass --resume to continue it, or give another --checkpoint-dir "
+                              "to start over (a new run would overwrite it)")
+    _sparsities(args.sparsities)
     ctx = _distributed(args)
-    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    model, pre = _load(args)
     pca = args.pca_dim
     cfg = SearchConfig(num_images=args.num_images, num_fitness_images=args.fitness_images,
                        batch_size=args.batch_size, popsize=args.popsize, pca_dim=None if pca == "full" else pca,
                        ranking=args.ranking, space=args.space, sigma0=args.sigma0,
                        selection_fraction=args.selection_fraction)
-    example = (torch_randn(args.input_size),) if args.input_size else None
     scores = prune(model, args.images, iterations=args.iterations, sparsities=_sparsities(args.sparsities),
                    seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume, config=cfg,
-                   device=args.device, example_inputs=example)
+                   device=args.device, example_inputs=(torch_randn(pre.input_size),), preprocess=pre)
+    scores.config.setdefault("example_input_shape", [2, 3, *pre.input_size])
     if ctx.is_main:
         path = scores.save(args.out)
         print(f"wrote {path} after {len(scores.history)} generations: {scores.selection.get('summary', '')}")
@@ -199,10 +297,11 @@ def cmd_report(args) -> int:
     from .report import write_report
     from .scores import ElasticScores
 
+    out = Path(args.out_dir or Path(args.scores_file).with_suffix(""))
+    _output(out, "--out-dir", directory=True)
     _, gm = _model_and_graph(args)
     smap = discover(gm)
     scores = ElasticScores.load(args.scores_file, smap)
-    out = Path(args.out_dir or Path(args.scores_file).with_suffix(""))
     path = write_report(scores, smap, out, title=f"elastic_fx report: {args.model}")
     print(f"wrote {path}")
     return 0
@@ -235,6 +334,7 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _output(args.out_dir, "--out-dir", directory=True)
     run_demo(args)
     return 0
 
@@ -262,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=_device, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("prune", help="local scores + xNES search -> one elastic score file")
@@ -286,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection-fraction", type=float, default=0.5,
                    help="share of the fitness images held out to choose the winner (0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=_device, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint every generation here")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     p.set_defaults(func=cmd_prune)
@@ -310,9 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-scores", help="convert a reference (SnapViT) score file to an .efx score file")
     p.add_argument("file", help="the reference code's score file (.pt; loaded without executing code)")
     p.add_argument("--model", dest="model", default=None, help=f"the model the scores belong to: {SPEC_HELP}")
-    p.add_argument("--pretrained", action="store_true")
-    p.add_argument("--checkpoint")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
+    _add_model(p, positional=False)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import_scores)
 
@@ -323,11 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", help="labelled train folder (class_name/image.jpg)")
     p.add_argument("--test", help="labelled test folder")
     p.add_argument("--data", help="an .npz with x_train, y_train, x_test, y_test")
-    p.add_argument("--mean", type=float, nargs=3, help="input normalisation, if the model carries no config")
-    p.add_argument("--std", type=float, nargs=3)
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--linear-epochs", type=int, default=0, help="also train a linear probe for this many epochs")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=_device, help="cpu, cuda or cuda:N (default: cuda if present)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
 
@@ -339,15 +435,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on a small ViT, synthetic images, a few generations")
     p.add_argument("--model", default="timm:vit_tiny_patch16_224")
-    p.add_argument("--img-size", type=int, default=96, help="input size for the demo model (speed)")
+    p.add_argument("--img-size", type=_positive_int, default=96, help="input size for the demo model (speed)")
     p.add_argument("--images", default=None, help="image folder (default: synthetic images)")
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--out-dir", default="elastic-fx-demo")
     p.add_argument("--offline", action="store_true", help="do not try to download pretrained weights")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation mean")
+    p.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="input normalisation std")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+#: Advice written for Python callers, as a command-line user acts on it (the library's errors
+#: name Python calls; the command names its own flags).
+_CLI_WORDS = [
+    (r"; ask for at most that, or pass floors=Floors\(\.\.\.\) with smaller fractions",
+     "; ask for at most that with --sparsity"),
+    (r"; lower it or pass floors=Floors\(\.\.\.\)", "; lower it"),
+    (r"Recompute the scores for this model with efx\.local_scores\(model, images\)\.",
+     "Recompute them for this model with elastic-fx score MODEL --out FILE."),
+    (r"Score this model with elastic-fx prune \(efx\.prune\)\.", "Score this model with elastic-fx prune MODEL --out FILE."),
+    (r"elastic-fx prune / ElasticScores\.save\(\)", "elastic-fx prune"),
+    (r"LocalScores\.save\(\)", "elastic-fx score"),
+    (r"run elastic-fx prune on it, or use ElasticScores\.from_local\(LocalScores\.load\(path\), smap\) for the "
+     r"ranking without search\.", "run elastic-fx prune, or give it to --scores of export / eval (ranked without search)."),
+]
+
+
+#: torch's refusal to unpickle code runs to several lines and suggests weights_only=False: never repeat it.
+_TORCH_REFUSAL = r"UnpicklingError: Weights only load failed\..*?(?=\); |\)$|$)"
+
+
+def _for_cli(message: str) -> str:
+    import re
+
+    message = re.sub(_TORCH_REFUSAL, "it holds Python objects other than tensors, which could run code when "
+                     "loaded; refused", message, flags=re.DOTALL)
+    for pattern, words in _CLI_WORDS:
+        message = re.sub(pattern, words, message)
+    return message
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -365,7 +493,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ElasticFxError as e:
-        print(f"elastic-fx {args.command}: error: {e}", file=sys.stderr)
+        print(f"elastic-fx {args.command}: error: {_for_cli(str(e))}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the system refused a read or write (disk full, permissions, a vanished file)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"elastic-fx {args.command}: error: {e.strerror or e}{where}; check the paths and free space",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"elastic-fx {args.command}: interrupted", file=sys.stderr)

@@ -59,6 +59,10 @@ def run_demo(args) -> dict:
     torch.manual_seed(0)
     model, pretrained = _load(args.model, args.img_size, args.offline)
     gm = trace(model)
+    if getattr(args, "mean", None) or getattr(args, "std", None):  # --mean / --std replace the model's own
+        from .data import PREPROCESS_META
+
+        gm.meta[PREPROCESS_META] = resolve_preprocess(gm, mean=args.mean, std=args.std)
     smap = discover(gm)
     print(f"\n{args.model} at {args.img_size}px ({'pretrained' if pretrained else 'random weights'}):")
     print(smap.summary())

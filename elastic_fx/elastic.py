@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ._io import atomic_write
+from ._io import check_output, replace_dir
 from .budget import achieved
 from .data import PREPROCESS_META, PreprocessConfig, load_tensor, resolve_preprocess
 from .errors import DataError, ExportError
@@ -49,6 +49,11 @@ class ElasticModel:
         self.gm, self.smap = prepare(model_or_gm, example_inputs, structures)
         if pre and self.gm.meta.get(PREPROCESS_META) is None:
             self.gm.meta[PREPROCESS_META] = PreprocessConfig.from_dict(pre)
+        if pre:
+            size = tuple(int(v) for v in example_inputs_of(self.gm)[0].shape[-2:])
+            if size != tuple(pre["input_size"]):
+                log.warning("the scores were computed at %sx%s inputs, this model is traced at %sx%s; the ranking "
+                            "may not transfer: prune at the size you deploy", *pre["input_size"], *size)
         self.scores.check(self.smap)
         self._cache: Dict[Tuple, fx.GraphModule] = {}
 
@@ -87,31 +92,65 @@ class ElasticModel:
         """One validated ONNX file per sparsity plus ``manifest.json``; returns the manifest.
 
         ``correct``/``calibration``/``correction`` as in :meth:`at`; other keywords go to
-        :func:`elastic_fx.export_onnx` (``fp16``, ``opset`` ...).
+        :func:`elastic_fx.export_onnx` (``fp16``, ``opset`` ...). ``out_dir`` is written
+        all-or-nothing: every budget is checked first (file names, reachability), the files
+        are written into a fresh temporary folder that then replaces ``out_dir``, under a
+        lock that refuses a second export into the same folder. An existing ``out_dir``
+        must be empty or hold an earlier export (a ``manifest.json`` and its files).
         """
-        out = Path(out_dir)
+        names = budget_file_names(sparsities)
+        check_output(out_dir, "the output folder", ExportError, directory=True)
+        keeps = [self.keep(s) for s in sparsities]  # an unreachable budget fails here, before any file
         x = example_inputs_of(self.gm)[0]
-        entries = []
-        for s in sparsities:
-            keep = self.keep(s)
-            small = self.at(s, correct=correct, calibration=calibration, correction=correction)
-            stats = achieved(self.smap, keep)
-            meta = {
-                "sparsity": round(stats["sparsity"], 6), "target_sparsity": s, "parameters": stats["params"],
-                "gflops": round(stats["gflops"], 4), "source_model": source,
-                "kept_heads": {b: len(k.get("heads", [])) for b, k in keep.items()},
-                "kept_neurons": {b: len(k.get("neurons", [])) for b, k in keep.items()},
-                "weight_correction": bool(correct),
-            }
-            path = out / f"sparsity_{int(round(s * 100)):02d}.onnx"
-            report = export_onnx(small, path, x, metadata=meta, **kw)
-            entries.append({
-                "file": path.name, "sparsity": meta["sparsity"], "target_sparsity": s,
-                "params": stats["params"], "gflops": meta["gflops"], "ort_max_abs_diff": report.max_abs_diff,
-            })
-        manifest = {"elastic_fx_version": __version__, "source_model": source, "budgets": entries}
-        atomic_write(out / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)), error=ExportError)
+        manifest: Dict[str, Any] = {}
+
+        def fill(tmp: Path) -> None:
+            entries = []
+            for s, keep, name in zip(sparsities, keeps, names):
+                small = self.at(s, correct=correct, calibration=calibration, correction=correction)
+                stats = achieved(self.smap, keep)
+                meta = {
+                    "sparsity": round(stats["sparsity"], 6), "target_sparsity": s, "parameters": stats["params"],
+                    "gflops": round(stats["gflops"], 4), "source_model": source,
+                    "kept_heads": {b: len(k.get("heads", [])) for b, k in keep.items()},
+                    "kept_neurons": {b: len(k.get("neurons", [])) for b, k in keep.items()},
+                    "weight_correction": bool(correct),
+                }
+                report = export_onnx(small, tmp / name, x, metadata=meta, **kw)
+                entries.append({
+                    "file": name, "sparsity": meta["sparsity"], "target_sparsity": s,
+                    "params": stats["params"], "gflops": meta["gflops"], "ort_max_abs_diff": report.max_abs_diff,
+                })
+            manifest.update({"elastic_fx_version": __version__, "source_model": source, "budgets": entries})
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+        replace_dir(out_dir, fill, ExportError, "the output folder", owned=_earlier_export)
         return manifest
+
+
+def budget_file_names(sparsities: Sequence[float]) -> list:
+    """``sparsity_NN.onnx`` per budget; :class:`ExportError` when two budgets share a name."""
+    names: Dict[str, float] = {}
+    out = []
+    for s in sparsities:
+        name = f"sparsity_{int(round(float(s) * 100)):02d}.onnx"
+        if name in names:
+            raise ExportError(f"the budgets {names[name]} and {s} both round to the file name {name}, so one would "
+                              "overwrite the other; give budgets at least 0.01 apart")
+        names[name] = s
+        out.append(name)
+    return out
+
+
+def _earlier_export(out: Path) -> bool:
+    """True when folder ``out`` holds only an earlier export: manifest.json and the files it lists."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        listed = {str(e["file"]) for e in manifest["budgets"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    allowed = {"manifest.json"} | listed | {f + ".data" for f in listed}
+    return all(p.name in allowed and (p.is_file() and not p.is_symlink()) for p in out.iterdir())
 
 
 def _freeze(keep: dict) -> Tuple:

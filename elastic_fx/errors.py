@@ -49,3 +49,7 @@ class ConfigError(ElasticFxError):
 
 class DistributedError(ElasticFxError):
     """A rank stopped responding, disagrees with the others, or the distributed environment is unusable."""
+
+
+class ModelError(ElasticFxError):
+    """A model spec names no model, its file does not load, or its checkpoint does not fit."""

@@ -206,6 +206,37 @@ def _unpickle_safely(path: str, packages: Sequence[str]) -> Tuple[Any, Tuple[str
     return data, tuple(stand_ins)
 
 
+#: Score tensors larger than this are refused before anything is computed on them.
+MAX_SCORE_ELEMENTS = 50_000_000
+
+
+def _check_declared_sizes(obj: Any, path: str, seen: Optional[set] = None) -> None:
+    """Refuse tensors whose declared shape exceeds the values the file stores (stride 0,
+    overlapping views) or any score table's plausible size, before one is materialised."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, Tensor):
+        stored = obj.untyped_storage().nbytes() // max(obj.element_size(), 1)
+        if obj.numel() > MAX_SCORE_ELEMENTS or obj.numel() > stored:
+            raise ScoresError(
+                f"{path}: a tensor declares shape {list(obj.shape)} ({obj.numel()} values) but the file stores "
+                f"{stored}; reference score tables are [num_blocks, width], stored in full. The file is malformed "
+                "or crafted: re-download it"
+            )
+        return
+    if isinstance(obj, ReferenceObject):
+        _check_declared_sizes(obj.args, path, seen)
+        _check_declared_sizes(obj.state, path, seen)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            _check_declared_sizes(v, path, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _check_declared_sizes(v, path, seen)
+
+
 def _unpickler_reason(e: Exception) -> str:
     """The specific part of torch's weights_only error (its generic advice does not apply here)."""
     text = str(e)
@@ -256,9 +287,12 @@ def load_reference_scores(path: "str | os.PathLike[str]", *, packages: Sequence[
             ``packages`` (it could execute code), or its tensors disagree with its shape fields.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ScoresError(f"{path} is a directory, not a score file; give the reference code's .pt score file")
     if not os.path.isfile(path):
         raise ScoresError(f"score file {path} does not exist; download it from the reference code's scores/ folder")
     data, stand_ins = _unpickle_safely(path, packages)
+    _check_declared_sizes(data, path)
     if isinstance(data, ReferenceObject) and isinstance(data.state, Mapping):
         data = data.state  # a pickled dataclass instance rather than its asdict()
     if not isinstance(data, Mapping):

@@ -16,6 +16,8 @@ naming the block and the bad indices.
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -27,6 +29,19 @@ __all__ = ["KeepMask", "keep_tensors", "keeps_to_masks", "normalize_keep"]
 
 #: block index -> {"heads": kept head indices, "neurons": kept neuron indices}.
 KeepMask = Dict[int, Dict[str, List[int]]]
+
+
+def _index(i, block: int, kind: str) -> int:
+    """One keep index as an int; a fractional or non-numeric one is refused, never truncated."""
+    value = i.item() if hasattr(i, "item") and getattr(i, "ndim", 0) == 0 else i
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SliceError(f"block {block}: {kind} index {i!r} is not an integer; keep lists structure indices")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not float(value).is_integer():
+        raise SliceError(f"block {block}: {kind} index {value!r} is not a whole number; keep lists structure "
+                         "indices (0, 1, 2 ...), it would not round them")
+    return int(value)
 
 
 def normalize_keep(smap: StructureMap, keep: Optional[KeepMask]) -> KeepMask:
@@ -58,7 +73,7 @@ def normalize_keep(smap: StructureMap, keep: Optional[KeepMask]) -> KeepMask:
                 continue
             if group is None:
                 raise SliceError(f"block {b.index} has no {'attention' if kind == 'heads' else 'FFN'}, but keep names {kind}")
-            idx = [int(i) for i in want[kind]]
+            idx = [_index(i, b.index, kind) for i in want[kind]]
             if kind == "neurons" and not group.prunable and len(idx) != size:
                 raise SliceError(f"block {b.index}: the FFN is not prunable ({group.reason}); keep all its neurons")
             bad = [i for i in idx if not 0 <= i < size]

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from ._io import atomic_write
-from .budget import RANKINGS, Floors, budget_masks
-from .errors import ScoresError
+from .budget import RANKINGS, Floors, ScoreSums, budget_masks
+from .errors import ElasticFxError, ScoresError
 from .structures import StructureMap
 from .version import __version__
 
@@ -75,6 +75,11 @@ class LocalScores:
     fingerprint: str
     blocks: List[dict]
     config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.normalized_scores:  # tag the sums, so budget_masks refuses to rank them by mistake
+            self.head_scores = ScoreSums(self.head_scores)
+            self.neuron_scores = ScoreSums(self.neuron_scores)
 
     def __repr__(self) -> str:
         return (f"LocalScores(method={self.method!r}, mode={self.mode!r}, images={self.num_images}, "
@@ -203,44 +208,119 @@ class LocalScores:
 
     @classmethod
     def _from_parts(cls, meta: Any, tensors: Mapping[str, torch.Tensor], where: str) -> "LocalScores":
+        """Scores from a file's metadata and tensors; every inconsistency is a :class:`ScoresError`."""
+        try:
+            return cls._checked_parts(meta, tensors, where)
+        except ScoresError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as e:
+            raise ScoresError(f"{where!r}: the score description is malformed ({type(e).__name__}: {e}); "
+                              "the file is corrupt, recompute it.") from None
+
+    @classmethod
+    def _checked_parts(cls, meta: Any, tensors: Mapping[str, torch.Tensor], where: str) -> "LocalScores":
         required = ("version", "method", "loss", "mode", "num_images", "fingerprint", "blocks")
         if not isinstance(meta, dict) or any(k not in meta for k in required):
             missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
             raise ScoresError(f"{where!r}: the elastic_fx metadata lacks {missing}; the file is corrupt.")
-        try:
-            version = int(meta["version"])
-        except (TypeError, ValueError):
-            raise ScoresError(f"{where!r}: the score format version {meta['version']!r} is not a number; "
-                              "the file is corrupt.") from None
+        version = meta["version"]
+        if not _is_int(version):
+            raise ScoresError(f"{where!r}: the score format version {version!r} is not a whole number; "
+                              "the file is corrupt.")
         if version > SCORES_VERSION:
             raise ScoresError(
                 f"{where!r} was written by a newer elastic_fx (score format {meta['version']}, this version "
                 f"reads up to {SCORES_VERSION}); upgrade elastic_fx."
             )
-        if not isinstance(meta["blocks"], list) or not all(isinstance(b, dict) and "index" in b for b in meta["blocks"]):
+        if version not in _READABLE_VERSIONS:
+            raise ScoresError(f"{where!r}: score format {version} is not one this elastic_fx reads "
+                              f"({list(_READABLE_VERSIONS)}); the file is corrupt.")
+        for key in ("method", "loss", "mode", "fingerprint"):
+            if not isinstance(meta[key], str):
+                raise ScoresError(f"{where!r}: field {key!r} is {_short(meta[key])}, not a string; the file is corrupt.")
+        if not _is_int(meta["num_images"]) or meta["num_images"] < 0:
+            raise ScoresError(f"{where!r}: num_images is {_short(meta['num_images'])}, not a count; "
+                              "the file is corrupt.")
+        if not isinstance(meta.get("config", {}), (dict, type(None))):
+            raise ScoresError(f"{where!r}: config is a {type(meta['config']).__name__}, not an object; "
+                              "the file is corrupt.")
+        blocks = meta["blocks"]
+        if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) for b in blocks):
             raise ScoresError(f"{where!r}: the per-block description is not a list of blocks; the file is corrupt.")
-        heads, neurons = {}, {}
-        try:
-            for b in meta["blocks"]:
-                i = int(b["index"])
-                for kind, size_key, store in (("head_scores", "num_heads", heads),
-                                              ("neuron_scores", "hidden_features", neurons)):
-                    wanted = b.get(size_key) if (kind == "head_scores" or b.get("mlp_prunable")) else None
-                    name = f"{kind}.{i}"
-                    if wanted is None:
-                        continue
-                    t = tensors.get(name)
-                    if t is None or tuple(t.shape) != (int(wanted),):
-                        got = "missing" if t is None else f"of shape {tuple(t.shape)}"
-                        raise ScoresError(f"{where!r}: tensor {name} is {got}, expected [{wanted}]; "
-                                          "the file is corrupt.")
-                    store[i] = t.to(torch.float32)
-        except (TypeError, ValueError) as e:
-            raise ScoresError(f"{where!r}: the per-block description is malformed ({e}); the file is corrupt.") from None
-        config = dict(meta.get("config") or {}) if isinstance(meta.get("config") or {}, dict) else {}
+        seen = set()
+        for b in blocks:
+            _check_block(b, where)
+            if b["index"] in seen:
+                raise ScoresError(f"{where!r}: block {b['index']} is described twice; the file is corrupt.")
+            seen.add(b["index"])
+        heads, neurons, expected = {}, {}, set()
+        for b in blocks:
+            i = b["index"]
+            for kind, size_key, store in (("head_scores", "num_heads", heads),
+                                          ("neuron_scores", "hidden_features", neurons)):
+                wanted = b.get(size_key) if (kind == "head_scores" or b.get("mlp_prunable")) else None
+                name = f"{kind}.{i}"
+                if wanted is None:
+                    continue
+                expected.add(name)
+                t = tensors.get(name)
+                if t is None or tuple(t.shape) != (wanted,) or not t.is_floating_point():
+                    got = ("missing" if t is None else f"of shape {tuple(t.shape)}" if tuple(t.shape) != (wanted,)
+                           else f"of type {t.dtype}")
+                    raise ScoresError(f"{where!r}: tensor {name} is {got}, expected float [{wanted}]; "
+                                      "the file is corrupt.")
+                if not bool(torch.isfinite(t).all()):
+                    raise ScoresError(f"{where!r}: tensor {name} holds NaN or inf; the file is corrupt, recompute it.")
+                store[i] = t.to(torch.float32)
+        stray = sorted(set(tensors) - expected - {"c"})
+        if stray:
+            raise ScoresError(f"{where!r}: tensors {stray[:3]} belong to no described block; the file is corrupt.")
+        config = dict(meta.get("config") or {})
         config["path"] = where
-        return cls(heads, neurons, str(meta["method"]), str(meta["loss"]), str(meta["mode"]),
-                   int(meta["num_images"]), str(meta["fingerprint"]), list(meta["blocks"]), config)
+        return cls(heads, neurons, meta["method"], meta["loss"], meta["mode"], meta["num_images"],
+                   meta["fingerprint"], list(blocks), config)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return _is_real(v) and bool(np.isfinite(v))
+
+
+def _is_real(v: Any) -> bool:
+    """An int or float (NaN included: a fitness may be NaN), not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: Block fields that are a positive count or absent (None).
+_COUNT_FIELDS = ("num_heads", "head_dim", "hidden_features", "params_per_head", "params_per_neuron")
+
+
+def _check_block(b: dict, where: str) -> None:
+    """One entry of the per-block description has the types the rest of the code relies on."""
+    if not _is_int(b.get("index")) or b["index"] < 0:
+        raise ScoresError(f"{where!r}: a block index is {_short(b.get('index'))}, not a block number; "
+                          "the file is corrupt.")
+    for key in _COUNT_FIELDS:
+        v = b.get(key)
+        if v is not None and (not _is_int(v) or v < 1):
+            raise ScoresError(f"{where!r}: block {b['index']} has {key}={_short(v)}, not a positive count; "
+                              "the file is corrupt.")
+    if b.get("mlp_prunable") not in (None, True, False):
+        raise ScoresError(f"{where!r}: block {b['index']} has mlp_prunable={_short(b['mlp_prunable'])}, not "
+                          "true/false; the file is corrupt.")
+    for key in ("head_params", "neuron_params"):
+        v = b.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            raise ScoresError(f"{where!r}: block {b['index']} has {key}={_short(v)}, not a list of parameter "
+                              "names; the file is corrupt.")
+    if b.get("num_heads") is not None and not b.get("params_per_head"):
+        raise ScoresError(f"{where!r}: block {b['index']} has heads but no params_per_head; the file is corrupt.")
+    if b.get("mlp_prunable") and not b.get("params_per_neuron"):
+        raise ScoresError(f"{where!r}: block {b['index']} has a prunable FFN but no params_per_neuron; "
+                          "the file is corrupt.")
 
 
 def _write(path: Union[str, os.PathLike], meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Path:
@@ -516,28 +596,95 @@ class ElasticScores:
             )
         local = LocalScores._from_parts(meta, tensors, where)
         try:
-            lay = search["layout"]
-            layout = Layout(tuple(int(b) for b in lay["ffn_blocks"]),
-                            tuple((int(b), int(h)) for b, h in lay["head_blocks"]))
-            floors = Floors(**search.get("floors") or {})
-            out = cls(
-                local=local, c=tensors["c"].to(torch.float64).numpy() if "c" in tensors else None, layout=layout,
-                sparsities=tuple(float(s) for s in search.get("sparsities") or ()), floors=floors,
-                ranking=str(search.get("ranking", "global")), head_offset=float(search.get("head_offset", 0.15)),
-                history=list(search.get("history") or []), best_fitness=search.get("best_fitness"),
-                mean_fitness=search.get("mean_fitness"), selection=dict(search.get("selection") or {}),
-                preprocess=search.get("preprocess"), config=dict(search.get("config") or {}),
-                version=str(search.get("elastic_fx_version", "")),
-            )
+            out = cls._from_search(local, search, tensors, where)
         except ScoresError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
             raise ScoresError(f"{where!r}: the search section is malformed ({type(e).__name__}: {e}); "
                               "the file is corrupt. Re-run elastic-fx prune.") from None
         out._validate(where)
         if smap is not None:
             out.check(smap)
         return out
+
+    @classmethod
+    def _from_search(cls, local: LocalScores, search: dict, tensors: Mapping[str, torch.Tensor],
+                     where: str) -> "ElasticScores":
+        """The search section, every field type-checked (a report must never trip over one)."""
+        def bad(key: str, want: str) -> ScoresError:
+            return ScoresError(f"{where!r}: search.{key} is {_short(search.get(key))}, expected {want}; "
+                               "the file is corrupt. Re-run elastic-fx prune.")
+
+        lay = search.get("layout")
+        if not (isinstance(lay, dict) and isinstance(lay.get("ffn_blocks"), list)
+                and isinstance(lay.get("head_blocks"), list)
+                and all(_is_int(b) for b in lay["ffn_blocks"])
+                and all(isinstance(x, list) and len(x) == 2 and all(_is_int(v) for v in x)
+                        for x in lay["head_blocks"])):
+            raise bad("layout", "{ffn_blocks: [block, ...], head_blocks: [[block, heads], ...]}")
+        layout = Layout(tuple(lay["ffn_blocks"]), tuple((b, h) for b, h in lay["head_blocks"]))
+        sparsities = search.get("sparsities") or []
+        if not isinstance(sparsities, list) or not all(_is_number(v) and 0 <= v < 1 for v in sparsities):
+            raise bad("sparsities", "a list of sparsities in [0, 1)")
+        floors = search.get("floors") or {}
+        if not isinstance(floors, dict) or not all(_is_number(v) for v in floors.values()):
+            raise bad("floors", "an object of numbers")
+        try:
+            floors = Floors(**floors)
+        except TypeError:
+            raise bad("floors", f"the keys of {sorted(Floors().__dict__)}") from None
+        except ElasticFxError as e:
+            raise ScoresError(f"{where!r}: search.floors is invalid ({e}); the file is corrupt.") from None
+        ranking, head_offset = search.get("ranking", "global"), search.get("head_offset", 0.15)
+        if not isinstance(ranking, str):
+            raise bad("ranking", f"one of {RANKINGS}")
+        if not _is_number(head_offset):
+            raise bad("head_offset", "a finite number")
+        history = search.get("history") or []
+        needed = ("generation", "best", "mean", "best_so_far")
+        if not isinstance(history, list) or not all(
+                isinstance(h, dict) and all(_is_real(h.get(k)) for k in needed) for h in history):
+            raise bad("history", f"a list of generation records with numbers {list(needed)}")
+        for key in ("best_fitness", "mean_fitness"):
+            if search.get(key) is not None and not _is_real(search[key]):
+                raise bad(key, "a finite number or null")
+        selection = search.get("selection") or {}
+        if not isinstance(selection, dict) or any(
+                not isinstance(selection.get(k, {}), dict) for k in ("c1", "winner")) or any(
+                not isinstance(selection.get(k, ""), str) for k in ("summary", "chosen")):
+            raise bad("selection", "an object with c1 / winner objects and summary / chosen text")
+        for key in ("c1", "winner"):
+            part = selection.get(key, {})
+            if any(part.get(k) is not None and not _is_real(part[k]) for k in ("search", "selection")):
+                raise bad("selection", f"numbers for {key}.search / {key}.selection")
+            if not isinstance(part.get("name", ""), str):
+                raise bad("selection", f"text for {key}.name")
+        preprocess = search.get("preprocess")
+        if preprocess is not None:
+            if not isinstance(preprocess, dict):
+                raise bad("preprocess", "an object (input_size, mean, std, interpolation, crop_pct) or null")
+            from .data import PreprocessConfig
+
+            try:
+                preprocess = PreprocessConfig.from_dict(preprocess).to_dict()
+            except (ElasticFxError, TypeError, ValueError) as e:
+                raise ScoresError(f"{where!r}: search.preprocess is invalid ({e}); the file is corrupt.") from None
+        config = search.get("config") or {}
+        if not isinstance(config, dict):
+            raise bad("config", "an object")
+        version = search.get("elastic_fx_version", "")
+        if not isinstance(version, str):
+            raise bad("elastic_fx_version", "text")
+        c = tensors.get("c")
+        if c is not None and not c.is_floating_point():
+            raise ScoresError(f"{where!r}: the factor vector c is of type {c.dtype}, not float; the file is corrupt.")
+        return cls(
+            local=local, c=c.to(torch.float64).numpy() if c is not None else None, layout=layout,
+            sparsities=tuple(float(s) for s in sparsities), floors=floors, ranking=ranking,
+            head_offset=float(head_offset), history=list(history), best_fitness=search.get("best_fitness"),
+            mean_fitness=search.get("mean_fitness"), selection=dict(selection), preprocess=preprocess,
+            config=dict(config), version=version,
+        )
 
     def _validate(self, where: str) -> None:
         """Layout, ``c`` and the local scores agree with each other."""

@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from .data import PREPROCESS_META, preprocess_config
-from .errors import DataError, TracingError
+from .errors import DataError, NumericalError, TracingError
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ def trace(
 
     with torch.no_grad():
         expected = model(*example_inputs)
+    _check_finite(model, example_inputs, expected)
     tracers = {"fx": _trace_fx, "export": _trace_export}
     order = ["fx", "export"] if method == "auto" else [method]
     reasons = {}
@@ -201,6 +202,21 @@ def trace(
         "offending function with efx.register_no_trace_function(fn); check that example_inputs "
         "match the model's forward signature."
     )
+
+
+def _check_finite(model: nn.Module, example_inputs: Tuple[Any, ...], outputs: Any) -> None:
+    """NaN / inf in the model's own outputs is a numbers problem, not a tracing one: say where it comes from."""
+    if all(torch.isfinite(t).all() for t in _tensor_leaves(outputs) if t.is_floating_point()):
+        return
+    for i, x in enumerate(_tensor_leaves(example_inputs)):
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise NumericalError(f"example input {i} holds NaN or inf; give finite inputs (images scaled to numbers)")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise NumericalError(f"{type(model).__name__} has NaN or inf in its weights ({name}); load a sound "
+                                 "checkpoint")
+    raise NumericalError(f"{type(model).__name__} returns NaN or inf on finite inputs and finite weights (an "
+                         "overflow, or a division by zero in its forward); check the model in float32")
 
 
 def _first_line(e: Exception) -> str:

@@ -522,3 +522,33 @@ def test_bad_ranking_options(smap, kwargs, match) -> None:
     hs, ns = random_scores(smap)
     with pytest.raises(BudgetError, match=match):
         budget_masks(smap, hs, ns, sparsity=0.3, **kwargs)
+
+
+# ----------------------------------------------------------------------------- one API that cannot be misused
+def test_budget_masks_takes_score_objects_and_refuses_raw_sums():
+    """Issue 17: efx.budget_masks(smap, ls.head_scores, ls.neuron_scores) silently ranked raw sums.
+    A LocalScores ranks by its per-parameter means, an ElasticScores by its searched ranking, and
+    the raw sums are refused unless named with sums=True."""
+    import elastic_fx as efx
+    from elastic_fx.scoring.local import local_scores
+    from zoo import build
+
+    model, inputs = build("timm_vit")
+    gm = efx.trace(model, inputs)
+    smap = efx.discover(gm)
+    ls = local_scores(gm, None, method="magnitude", structures=smap, progress=False)
+    by_means = efx.budget_masks(smap, ls.head_means, ls.neuron_means, sparsity=0.4)
+    assert efx.budget_masks(smap, ls, sparsity=0.4) == by_means
+    assert efx.budget_masks(smap, ls, 0.4) == by_means
+    es = efx.ElasticScores.from_local(ls, smap)
+    assert efx.budget_masks(smap, es, sparsity=0.4) == es.keep(smap, 0.4) == by_means
+    with pytest.raises(BudgetError, match="per-structure SUMS"):
+        efx.budget_masks(smap, ls.head_scores, ls.neuron_scores, sparsity=0.4)
+    with pytest.raises(BudgetError, match="per-structure SUMS"):
+        efx.nested_masks(smap, ls.head_scores, ls.neuron_scores, [0.4])
+    on_purpose = efx.budget_masks(smap, ls.head_scores, ls.neuron_scores, sparsity=0.4, sums=True)
+    assert on_purpose != by_means  # sums rank otherwise: that is why they are refused by default
+    with pytest.raises(BudgetError, match="not both"):
+        efx.budget_masks(smap, ls, ls.neuron_means, sparsity=0.4)
+    with pytest.raises(BudgetError, match="needs scores"):
+        efx.budget_masks(smap, ls.head_means, sparsity=0.4)

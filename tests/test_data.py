@@ -381,3 +381,35 @@ def test_real_photos_decode_and_normalise():
     x = load_tensor(ASSETS / "photos", cfg, n=3, seed=0)
     assert x.shape == (3, 3, 32, 32) and torch.isfinite(x).all()
     assert x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6 and x.std() > 0.1
+
+
+# ----------------------------------------------------------------------------- issue 17: deep pixels, FIFOs
+def test_16_bit_png_and_float_tiff_decode_to_their_real_brightness(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from elastic_fx.data import decode_image
+
+    ramp16 = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    Image.fromarray(ramp16).save(tmp_path / "deep.png")
+    rampf = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(rampf, mode="F").save(tmp_path / "float.tif")
+    for name in ("deep.png", "float.tif"):
+        image, why = decode_image(tmp_path / name)
+        assert why == "" and image.mode == "RGB"
+        a = np.asarray(image)
+        # a ramp from black to white, not all white (16-bit clipped) or all black (floats truncated)
+        assert a.min() <= 2 and a.max() >= 253 and 100 < a.mean() < 155, (name, a.min(), a.max(), a.mean())
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_read(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from elastic_fx.data import ImageFolderSource
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "x.png")
+    src = ImageFolderSource(tmp_path)  # opening x.png would block forever
+    assert [p.name for p in src.files] == ["a.png"]

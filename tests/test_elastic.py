@@ -103,3 +103,26 @@ def test_export_onnx_per_budget_with_manifest(model_scores, tmp_path):
         assert (tmp_path / "out" / e["file"]).is_file()
         assert e["ort_max_abs_diff"] < 1e-4
     assert manifest["budgets"][1]["params"] < manifest["budgets"][0]["params"]
+
+
+def test_scores_from_another_input_size_warn(model_scores, caplog):
+    gm, smap, scores = model_scores
+    size = tuple(gm.meta["elastic_fx.example_inputs"][0].shape[-2:])
+    other = dict(scores.__dict__)
+    other["preprocess"] = {"input_size": [size[0] * 2, size[1] * 2], "mean": [0.5] * 3, "std": [0.5] * 3,
+                           "interpolation": "bicubic", "crop_pct": 0.875}
+    with caplog.at_level("WARNING", logger="elastic_fx.elastic"):
+        efx.ElasticModel(gm, efx.ElasticScores(**other))
+    assert "the scores were computed at" in caplog.text
+
+
+def test_save_onto_a_directory_or_a_link_is_refused(model_scores, tmp_path):
+    _, _, scores = model_scores
+    with pytest.raises(efx.ScoresError, match="is a directory, not a file"):
+        scores.save(tmp_path)
+    (tmp_path / "real.efx").write_text("keep me")
+    (tmp_path / "link.efx").symlink_to(tmp_path / "real.efx")
+    with pytest.raises(efx.ScoresError, match="symbolic link"):
+        scores.save(tmp_path / "link.efx")
+    assert (tmp_path / "real.efx").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.efx", "real.efx"]

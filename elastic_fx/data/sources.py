@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -55,14 +56,33 @@ def decode_image(path: Union[str, os.PathLike],
     image at least that large (much faster for big photos).
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            return None, "not a regular file (a FIFO, device or socket)"
         with Image.open(path) as im:
             if draft_size is not None:
                 im.draft("RGB", draft_size)
             im.load()
-            return im.convert("RGB"), ""
+            return _to_rgb(im), ""
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         logger.debug("cannot decode %s: %s", path, e)
         return None, f"{type(e).__name__}: {e}"
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB 8-bit. Pillow's own convert clips 16-bit and 32-bit integer pixels at 255 (white)
+    and truncates float pixels in [0, 1] to 0 (black); those modes are rescaled instead."""
+    mode = im.mode
+    if not (mode.startswith("I") or mode == "F"):
+        return im.convert("RGB")
+    a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if mode == "F":
+        top = 1.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else 255.0
+    elif mode.startswith("I;16") or (a.size and a.max() > 255):
+        top = 65535.0  # 16-bit samples (Pillow reads a 16-bit PNG as "I" or "I;16")
+    else:
+        top = 255.0
+    a = np.clip(a / top * 255.0, 0.0, 255.0).round().astype(np.uint8)
+    return Image.fromarray(a, "L").convert("RGB")
 
 
 def list_images(root: Path, recursive: bool = True,
@@ -74,9 +94,21 @@ def list_images(root: Path, recursive: bool = True,
     for dirpath, dirnames, filenames in walker:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for f in filenames:
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts:
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts and _regular(Path(dirpath) / f):
                 files.append(Path(dirpath) / f)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _regular(path: Path) -> bool:
+    """A regular file (through links): FIFOs, devices and sockets named like images are skipped,
+    since reading a FIFO blocks forever."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # unreadable: decode_image reports it with the other failures
+    if not regular:
+        logger.warning("skipping %s: not a regular file (a FIFO, device or socket)", path)
+    return regular
 
 
 class ImageFolderSource:

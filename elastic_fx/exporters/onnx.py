@@ -53,6 +53,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._io import check_output
 from ..errors import ExportError
 from ..tracing import EXAMPLE_INPUTS_META
 from ..version import __version__
@@ -210,10 +211,10 @@ def _build_metadata(user: Optional[Mapping[str, object]], module: torch.nn.Modul
 
 
 def _prepare_target(path: os.PathLike | str) -> Path:
-    """Resolve the output path, create missing parent folders, refuse unwritable ones."""
-    target = Path(path).expanduser().resolve()
-    if target.is_dir():
-        raise ExportError(f"Export path {target} is a directory; pass a file path such as {target / 'model.onnx'}.")
+    """Refuse unsafe outputs (a link, a directory, a device node ...), create missing parent
+    folders, refuse unwritable ones; return the absolute path (links in parent folders resolved)."""
+    target = check_output(path, "Export path", ExportError)
+    target = target.parent.resolve() / target.name
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -472,7 +473,7 @@ def export_onnx(
                            metadata, output_index)
         attempts: List[str] = []
         for name in order:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=".efx-", suffix=".tmp", dir=target.parent))
             try:
                 report = _export_once(job, name, tmp, tuple(attempts))
                 logger.info("exported %s with the %s exporter (max |diff| %.3g <= %.3g, %s)", target, name,
