@@ -79,7 +79,7 @@ def _device(text: str) -> str:
 
 def _load(args):
     """The model of ``args.model`` (resized by --input-size) and its preprocessing (--mean/--std win)."""
-    from .data import PreprocessConfig, preprocess_config
+    from .data import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, preprocess_config
     from .errors import DataError
     from .models import load_image_processor
 
@@ -105,10 +105,6 @@ def _load(args):
             print(f"note: {args.model} carries no normalisation; using ImageNet mean/std "
                   "(pass --mean R G B --std R G B to override)", file=sys.stderr)
     return model, PreprocessConfig.from_dict(pre.to_dict())
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def torch_randn(size):

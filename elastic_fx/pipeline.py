@@ -18,14 +18,15 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from .data import resolve_preprocess, load_tensor
+from .data import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, load_tensor, resolve_preprocess
 from .distributed import SAME_WEIGHTS_HINT, checksums, current
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .passes.discover import prepare
 from .scores import ElasticScores
 from .scoring.local import local_scores
 from .search.search import CHECKPOINT_NAME, SearchConfig, load_checkpoint, search, validate
 from .structures import StructureMap
+from .tracing import example_inputs_of
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def prune(
     ctx.check_same(checksums(gm), "model weights", SAME_WEIGHTS_HINT)
     validate(cfg, smap)
     fit_src = fitness_images if fitness_images is not None else images
-    pre = resolve_preprocess(gm, fit_src, preprocess)
+    pre = _preprocess(gm, fit_src, preprocess)
 
     t0 = time.time()
     resumed = None
@@ -126,6 +127,19 @@ def prune(
     scores = search(gm, smap, local, fit_x, cfg, ctx=ctx, device=dev, selection_images=sel_x,
                      checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, callback=callback,
                      preprocess=pre.to_dict())
+    scores.config["example_input_shape"] = list(example_inputs_of(gm)[0].shape)
     scores.config["local_seconds"] = round(t_local, 2)
     scores.config["fitness_images"] = int(len(fit_x)) + (int(len(sel_x)) if sel_x is not None else 0)
     return scores
+
+
+def _preprocess(gm, images: Any, explicit: Any) -> PreprocessConfig:
+    """The model's preprocessing (:func:`elastic_fx.data.resolve_preprocess`); a model that carries
+    no normalisation gets the ImageNet statistics at its traced input size, said in one line."""
+    try:
+        return resolve_preprocess(gm, images, explicit)
+    except DataError:
+        size = tuple(example_inputs_of(gm)[0].shape[-2:])
+        log.warning("the model carries no normalisation: using the ImageNet mean/std at %dx%d "
+                    "(pass preprocess=efx.data.PreprocessConfig(...) to override)", *size)
+        return PreprocessConfig(size, IMAGENET_MEAN, IMAGENET_STD)

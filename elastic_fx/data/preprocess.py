@@ -38,6 +38,9 @@ PREPROCESS_META = "elastic_fx.preprocess"
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
 
+#: The ImageNet statistics: the fallback, announced in one line, for a model that carries none.
+IMAGENET_MEAN, IMAGENET_STD = TORCHVISION_MEAN, TORCHVISION_STD
+
 #: Hugging Face's ViTImageProcessor defaults, used for an HF model without processor info.
 HF_VIT_DEFAULT_MEAN = (0.5, 0.5, 0.5)
 HF_VIT_DEFAULT_STD = (0.5, 0.5, 0.5)

@@ -169,3 +169,23 @@ def test_bad_search_settings_are_refused_before_any_work(setup, kw, err, match):
     model, images = setup
     with pytest.raises(err, match=match):
         prune(model, images, iterations=1, sparsities=(0.3,), config=_config(**kw), progress=False)
+
+
+def test_a_model_without_normalisation_gets_imagenet_statistics_and_the_scores_remember(tmp_path, caplog):
+    """A bare timm ViT built in user code, images from a folder: prune, then ElasticModel on the bare model."""
+    import timm
+    from PIL import Image
+
+    model = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=1,
+                                                             num_heads=2, num_classes=0).eval()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    out = prune(model, str(tmp_path), iterations=1, sparsities=(0.3,), progress=False,
+                config=SearchConfig(num_images=4, num_fitness_images=8, batch_size=2),
+                example_inputs=(torch.randn(2, 3, 32, 32),))
+    assert any("ImageNet mean/std" in r.getMessage() for r in caplog.records)
+    assert tuple(out.preprocess["input_size"]) == (32, 32) and out.config["example_input_shape"] == [2, 3, 32, 32]
+    path = out.save(tmp_path / "s.efx")
+    small = efx.ElasticModel(model, path).at(sparsity=0.3)  # the size travelled with the scores
+    assert small(torch.randn(1, 3, 32, 32)).shape[-1] == 24
