@@ -850,8 +850,9 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
                "|---|" + "---:|" * len(val["fisher"])]
         for name, label in (("fisher", "global (default)"), ("fisher_sep", "separate (head offset 0.15)")):
             md.append(f"| {label} | " + " | ".join(_pct(v) for v in val[name].values()) + " |")
-        md += ["", "Initial spread: the selection fitness of the sigma ablations above (the selection images are "
-               "train images) — the curve the default spread is read from.", ""]
+        md += ["", "Initial spread: the selection fitness of the winners of `sigma_0.1`, `all_on` (0.25, the default) "
+               "and `sigma_0.5` above is the spread curve (the selection images are train images). The default was "
+               "set before the run and is kept while that curve stays flat within its noise.", ""]
     proxy = cache.get("proxy")
     if proxy:
         md += ["## Does the proxy predict accuracy?", "",

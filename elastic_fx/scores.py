@@ -19,7 +19,6 @@ ElasticScores checks through its local scores).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ._io import atomic_write
+from ._scorefile import SCORES_FORMAT, SCORES_VERSION, check_block, is_int, is_number, is_real, read, short, write
 from .budget import RANKINGS, Floors, ScoreSums, budget_masks
 from .errors import ElasticFxError, ScoresError
 from .structures import StructureMap
@@ -37,9 +36,8 @@ from .version import __version__
 
 log = logging.getLogger(__name__)
 
-#: Metadata key of a score file and the format version written.
-SCORES_FORMAT = "elastic_fx"
-SCORES_VERSION = 2
+__all__ = ["SCORES_FORMAT", "ElasticScores", "Layout", "LocalScores", "new_scores", "rescale"]
+
 #: Versions this elastic_fx reads (1: local scores only, before elastic files shared the format).
 _READABLE_VERSIONS = (1, 2)
 
@@ -156,7 +154,7 @@ class LocalScores:
                 if theirs.get(key) != ours.get(key):
                     raise ScoresError(
                         f"{where} were computed for a different model: block {ours['index']} has "
-                        f"{key}={_short(theirs.get(key))} in the scores but {key}={_short(ours.get(key))} in this "
+                        f"{key}={short(theirs.get(key))} in the scores but {key}={short(ours.get(key))} in this "
                         f"model. {hint}"
                     )
         raise ScoresError(
@@ -187,7 +185,7 @@ class LocalScores:
         per-block layout and config. Nothing in the file is executable.
         """
         meta, tensors = self._parts()
-        path = _write(path, meta, tensors)
+        path = write(path, meta, tensors)
         log.info("saved %s scores of %d blocks to %s", self.method, len(self.blocks), path)
         return path
 
@@ -200,7 +198,7 @@ class LocalScores:
             ScoresError: the file is missing, not a safetensors file, has no elastic_fx
                 metadata, is inconsistent, or (with ``smap``) belongs to a different model.
         """
-        meta, tensors = _read(path, "LocalScores.save()")
+        meta, tensors = read(path, "LocalScores.save()")
         scores = cls._from_parts(meta, tensors, str(path))
         if smap is not None:
             scores.check(smap)
@@ -224,7 +222,7 @@ class LocalScores:
             missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
             raise ScoresError(f"{where!r}: the elastic_fx metadata lacks {missing}; the file is corrupt.")
         version = meta["version"]
-        if not _is_int(version):
+        if not is_int(version):
             raise ScoresError(f"{where!r}: the score format version {version!r} is not a whole number; "
                               "the file is corrupt.")
         if version > SCORES_VERSION:
@@ -237,9 +235,9 @@ class LocalScores:
                               f"({list(_READABLE_VERSIONS)}); the file is corrupt.")
         for key in ("method", "loss", "mode", "fingerprint"):
             if not isinstance(meta[key], str):
-                raise ScoresError(f"{where!r}: field {key!r} is {_short(meta[key])}, not a string; the file is corrupt.")
-        if not _is_int(meta["num_images"]) or meta["num_images"] < 0:
-            raise ScoresError(f"{where!r}: num_images is {_short(meta['num_images'])}, not a count; "
+                raise ScoresError(f"{where!r}: field {key!r} is {short(meta[key])}, not a string; the file is corrupt.")
+        if not is_int(meta["num_images"]) or meta["num_images"] < 0:
+            raise ScoresError(f"{where!r}: num_images is {short(meta['num_images'])}, not a count; "
                               "the file is corrupt.")
         if not isinstance(meta.get("config", {}), (dict, type(None))):
             raise ScoresError(f"{where!r}: config is a {type(meta['config']).__name__}, not an object; "
@@ -249,7 +247,7 @@ class LocalScores:
             raise ScoresError(f"{where!r}: the per-block description is not a list of blocks; the file is corrupt.")
         seen = set()
         for b in blocks:
-            _check_block(b, where)
+            check_block(b, where)
             if b["index"] in seen:
                 raise ScoresError(f"{where!r}: block {b['index']} is described twice; the file is corrupt.")
             seen.add(b["index"])
@@ -281,110 +279,9 @@ class LocalScores:
                    meta["fingerprint"], list(blocks), config)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return _is_real(v) and bool(np.isfinite(v))
-
-
-def _is_real(v: Any) -> bool:
-    """An int or float (NaN included: a fitness may be NaN), not a bool."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-#: Block fields that are a positive count or absent (None).
-_COUNT_FIELDS = ("num_heads", "head_dim", "hidden_features", "params_per_head", "params_per_neuron")
-
-
-def _check_block(b: dict, where: str) -> None:
-    """One entry of the per-block description has the types the rest of the code relies on."""
-    if not _is_int(b.get("index")) or b["index"] < 0:
-        raise ScoresError(f"{where!r}: a block index is {_short(b.get('index'))}, not a block number; "
-                          "the file is corrupt.")
-    for key in _COUNT_FIELDS:
-        v = b.get(key)
-        if v is not None and (not _is_int(v) or v < 1):
-            raise ScoresError(f"{where!r}: block {b['index']} has {key}={_short(v)}, not a positive count; "
-                              "the file is corrupt.")
-    if b.get("mlp_prunable") not in (None, True, False):
-        raise ScoresError(f"{where!r}: block {b['index']} has mlp_prunable={_short(b['mlp_prunable'])}, not "
-                          "true/false; the file is corrupt.")
-    for key in ("head_params", "neuron_params"):
-        v = b.get(key)
-        if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-            raise ScoresError(f"{where!r}: block {b['index']} has {key}={_short(v)}, not a list of parameter "
-                              "names; the file is corrupt.")
-    if b.get("num_heads") is not None and not b.get("params_per_head"):
-        raise ScoresError(f"{where!r}: block {b['index']} has heads but no params_per_head; the file is corrupt.")
-    if b.get("mlp_prunable") and not b.get("params_per_neuron"):
-        raise ScoresError(f"{where!r}: block {b['index']} has a prunable FFN but no params_per_neuron; "
-                          "the file is corrupt.")
-
-
-def _write(path: Union[str, os.PathLike], meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Path:
-    """One score file, atomically: ``tensors`` plus ``meta`` as JSON under ``"elastic_fx"``."""
-    from safetensors.torch import save_file
-
-    try:
-        blob = json.dumps(meta, default=_json_default)
-    except (TypeError, ValueError) as e:
-        raise ScoresError(f"the scores' config cannot be written as JSON: {e}") from e
-    return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", SCORES_FORMAT: blob}),
-                        error=ScoresError)
-
-
-def _read(path: Union[str, os.PathLike], writer: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a score file; :class:`ScoresError` for anything else."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            raise ScoresError(f"{str(path)!r} is a directory, not a score file; score files are written by {writer}.")
-        raise ScoresError(f"no score file at {str(path)!r} (it does not exist); score files are written by {writer}.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for foreign files
-        raise ScoresError(
-            f"{str(path)!r} is not an elastic_fx score file: not a safetensors score file ({type(e).__name__}: "
-            f"{str(e)[:200]}); "
-            f"score files are written by {writer}."
-        ) from None
-    if SCORES_FORMAT not in header:
-        raise ScoresError(
-            f"{str(path)!r} is a safetensors file without elastic_fx metadata (the {SCORES_FORMAT!r} "
-            f"entry is missing), so it holds no scores; score files are written by {writer}."
-        )
-    try:
-        meta = json.loads(header[SCORES_FORMAT])
-    except json.JSONDecodeError as e:
-        raise ScoresError(f"{str(path)!r}: the elastic_fx metadata is not valid JSON ({e}).") from None
-    if not isinstance(meta, dict):
-        raise ScoresError(f"{str(path)!r}: the elastic_fx metadata is a JSON {type(meta).__name__}, not an object; "
-                          "the file is corrupt.")
-    return meta, tensors
-
-
 _CHECKED_FIELDS = ("num_heads", "head_dim", "hidden_features", "mlp_prunable", "head_params", "neuron_params")
 
 
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.dtype):
-        return str(o).replace("torch.", "")
-    if isinstance(o, (torch.device, Path)):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 def _blocks_description(smap: StructureMap) -> List[dict]:
@@ -577,7 +474,7 @@ class ElasticScores:
             "preprocess": self.preprocess,
             "config": self.config,
         }
-        return _write(path, meta, tensors)
+        return write(path, meta, tensors)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], smap: Optional[StructureMap] = None) -> "ElasticScores":
@@ -587,7 +484,7 @@ class ElasticScores:
         blocks or ``c``, malformed fields) raises :class:`ScoresError`.
         """
         where = str(path)
-        meta, tensors = _read(path, "elastic-fx prune / ElasticScores.save()")
+        meta, tensors = read(path, "elastic-fx prune / ElasticScores.save()")
         search = meta.get("search")
         if not isinstance(search, dict):
             raise ScoresError(
@@ -612,22 +509,22 @@ class ElasticScores:
                      where: str) -> "ElasticScores":
         """The search section, every field type-checked (a report must never trip over one)."""
         def bad(key: str, want: str) -> ScoresError:
-            return ScoresError(f"{where!r}: search.{key} is {_short(search.get(key))}, expected {want}; "
+            return ScoresError(f"{where!r}: search.{key} is {short(search.get(key))}, expected {want}; "
                                "the file is corrupt. Re-run elastic-fx prune.")
 
         lay = search.get("layout")
         if not (isinstance(lay, dict) and isinstance(lay.get("ffn_blocks"), list)
                 and isinstance(lay.get("head_blocks"), list)
-                and all(_is_int(b) for b in lay["ffn_blocks"])
-                and all(isinstance(x, list) and len(x) == 2 and all(_is_int(v) for v in x)
+                and all(is_int(b) for b in lay["ffn_blocks"])
+                and all(isinstance(x, list) and len(x) == 2 and all(is_int(v) for v in x)
                         for x in lay["head_blocks"])):
             raise bad("layout", "{ffn_blocks: [block, ...], head_blocks: [[block, heads], ...]}")
         layout = Layout(tuple(lay["ffn_blocks"]), tuple((b, h) for b, h in lay["head_blocks"]))
         sparsities = search.get("sparsities") or []
-        if not isinstance(sparsities, list) or not all(_is_number(v) and 0 <= v < 1 for v in sparsities):
+        if not isinstance(sparsities, list) or not all(is_number(v) and 0 <= v < 1 for v in sparsities):
             raise bad("sparsities", "a list of sparsities in [0, 1)")
         floors = search.get("floors") or {}
-        if not isinstance(floors, dict) or not all(_is_number(v) for v in floors.values()):
+        if not isinstance(floors, dict) or not all(is_number(v) for v in floors.values()):
             raise bad("floors", "an object of numbers")
         try:
             floors = Floors(**floors)
@@ -638,15 +535,15 @@ class ElasticScores:
         ranking, head_offset = search.get("ranking", "global"), search.get("head_offset", 0.15)
         if not isinstance(ranking, str):
             raise bad("ranking", f"one of {RANKINGS}")
-        if not _is_number(head_offset):
+        if not is_number(head_offset):
             raise bad("head_offset", "a finite number")
         history = search.get("history") or []
         needed = ("generation", "best", "mean", "best_so_far")
         if not isinstance(history, list) or not all(
-                isinstance(h, dict) and all(_is_real(h.get(k)) for k in needed) for h in history):
+                isinstance(h, dict) and all(is_real(h.get(k)) for k in needed) for h in history):
             raise bad("history", f"a list of generation records with numbers {list(needed)}")
         for key in ("best_fitness", "mean_fitness"):
-            if search.get(key) is not None and not _is_real(search[key]):
+            if search.get(key) is not None and not is_real(search[key]):
                 raise bad(key, "a finite number or null")
         selection = search.get("selection") or {}
         if not isinstance(selection, dict) or any(
@@ -655,7 +552,7 @@ class ElasticScores:
             raise bad("selection", "an object with c1 / winner objects and summary / chosen text")
         for key in ("c1", "winner"):
             part = selection.get(key, {})
-            if any(part.get(k) is not None and not _is_real(part[k]) for k in ("search", "selection")):
+            if any(part.get(k) is not None and not is_real(part[k]) for k in ("search", "selection")):
                 raise bad("selection", f"numbers for {key}.search / {key}.selection")
             if not isinstance(part.get("name", ""), str):
                 raise bad("selection", f"text for {key}.name")
