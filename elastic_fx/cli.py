@@ -40,12 +40,9 @@ def _pca_dim(text: str):
     if text in ("auto", "full"):
         return text
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected auto, full or a positive number of components, got {text!r}")
-    return value
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, full or a positive number of components, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
