@@ -89,24 +89,22 @@ class LocalScores:
         """True when the scores are already per-parameter means (see :meth:`normalized`)."""
         return bool(self.config.get("normalized", False))
 
-    def _per(self, key: str) -> Dict[int, int]:
-        return {int(b["index"]): int(b[key]) for b in self.blocks if b.get(key)}
+    def _means(self, sums: Dict[int, torch.Tensor], key: str) -> Dict[int, torch.Tensor]:
+        """``sums`` divided by the parameters one structure owns (``key`` in the block description)."""
+        if self.normalized_scores:
+            return dict(sums)
+        per = {int(b["index"]): int(b[key]) for b in self.blocks if b.get(key)}
+        return {b: s / per[b] for b, s in sums.items()}
 
     @property
     def head_means(self) -> Dict[int, torch.Tensor]:
         """Per-head score divided by the number of parameters one head owns (the paper's average)."""
-        if self.normalized_scores:
-            return dict(self.head_scores)
-        per = self._per("params_per_head")
-        return {b: s / per[b] for b, s in self.head_scores.items()}
+        return self._means(self.head_scores, "params_per_head")
 
     @property
     def neuron_means(self) -> Dict[int, torch.Tensor]:
         """Per-neuron score divided by the number of parameters one neuron owns."""
-        if self.normalized_scores:
-            return dict(self.neuron_scores)
-        per = self._per("params_per_neuron")
-        return {b: s / per[b] for b, s in self.neuron_scores.items()}
+        return self._means(self.neuron_scores, "params_per_neuron")
 
     def normalized(self) -> "LocalScores":
         """A copy whose ``head_scores`` / ``neuron_scores`` are per-parameter means."""

@@ -322,11 +322,14 @@ def search(
 
     # 2. c = 1, and with it the PCA size
     c1 = space.factors(space.origin())
+    c1_search: Optional[float] = None
     if state is not None:
-        dim, held = state["pca"]["dim"], state["pca"]["error_share"]
+        dim, held, c1_search = state["pca"]["dim"], state["pca"]["error_share"], state["c1_search"]
+    elif cfg.pca_dim == "auto":
+        dim, held, c1_search = ctx.main_then_share(
+            lambda: _auto_pca(cfg, evaluate, search_x, dense_search, c1), "scoring c = 1 and choosing the PCA size")
     else:
-        dim, held = ctx.main_then_share(lambda: _pca_dim(cfg, evaluate, search_x, dense_search, c1),
-                                        "choosing the PCA size")
+        dim, held = cfg.pca_dim, float("nan")
     fitness = ctx.main_then_share(lambda: PCACosineFitness(dense_search, dim=dim), "fitting the PCA")
     log.info("fitness: %s on %d search images (%.1f %% of the pruning error inside), %d selection images",
              "full embedding space" if fitness.full_space else f"PCA to {fitness.dim} dims", len(search_x),
@@ -335,9 +338,7 @@ def search(
     def on_search(cands: np.ndarray) -> np.ndarray:
         return evaluate(space.factors(cands), search_x, fitness)
 
-    if state is not None:
-        c1_search = state["c1_search"]
-    else:
+    if c1_search is None:
         c1_search = float(on_search(space.origin()[None])[0])
     _notify(callback, "c1", 0, c1[None], np.array([c1_search]))
 
@@ -452,13 +453,15 @@ def _select(pool, space: SearchSpace, evaluate: _Evaluator, select_x: torch.Tens
     return chosen, record
 
 
-def _pca_dim(cfg: SearchConfig, evaluate: _Evaluator, images: torch.Tensor, dense: torch.Tensor,
-             c1: np.ndarray) -> Tuple[Optional[int], float]:
-    """The PCA size: fixed, full, or the fewest components holding ``error_share`` of c = 1's error."""
-    if cfg.pca_dim != "auto":
-        return cfg.pca_dim, float("nan")
+def _auto_pca(cfg: SearchConfig, evaluate: _Evaluator, images: torch.Tensor, dense: torch.Tensor,
+              c1: np.ndarray) -> Tuple[Optional[int], float, float]:
+    """One masked forward of c = 1 serves twice: its pruning error fixes the PCA size (the fewest
+    components holding ``error_share`` of it), then its search fitness is read off the same embeddings.
+    Returns ``(dim, share held, c = 1's search fitness)``, the fitness computed as the evaluator does."""
     pruned = evaluate.embeddings(images, evaluate.keeps(c1)).float().cpu()  # [S, N, D]
-    return choose_dim(dense, pruned, cfg.error_share)
+    dim, held = choose_dim(dense, pruned, cfg.error_share)
+    fitness = PCACosineFitness(dense, dim=dim)
+    return dim, held, float(torch.stack([fitness(e) for e in pruned]).mean().double())
 
 
 def _dense(ctx: DistContext, embed: torch.nn.Module, x: torch.Tensor, bs: int, device: torch.device) -> torch.Tensor:
