@@ -44,11 +44,21 @@ def test_prune_returns_one_ranking_with_history(result, setup):
     assert result.config["popsize"] == 4 + int(np.floor(3 * np.log(8)))
 
 
-def test_best_candidate_fitness_is_reproducible_from_sliced_models(result, setup):
-    """The fitness the search reports equals the PCA cosine of physically sliced models."""
-    from elastic_fx.passes.embedding import embedding_module
-    from elastic_fx.search.fitness import PCACosineFitness
+@pytest.fixture(scope="module")
+def result_pca(setup):
+    model, images = setup
+    cfg = SearchConfig(**{**config().__dict__, "fitness": "pca-cosine"})
+    return prune(model, images, iterations=3, sparsities=SPARSITIES, config=cfg, progress=False)
 
+
+@pytest.mark.parametrize("fitness", ["neighbours", "pca-cosine"])
+def test_best_candidate_fitness_is_reproducible_from_sliced_models(fitness, result, result_pca, setup):
+    """The fitness the search reports equals the fitness of physically sliced models."""
+    from elastic_fx.passes.embedding import embedding_module
+    from elastic_fx.search.fitness import NeighbourhoodFitness, PCACosineFitness
+
+    result = result if fitness == "neighbours" else result_pca
+    assert result.config["fitness"] == fitness
     model, images = setup
     gm = efx.trace(model, (images[:2],))
     smap = efx.discover(gm)
@@ -58,7 +68,7 @@ def test_best_candidate_fitness_is_reproducible_from_sliced_models(result, setup
     si, qi = split_fitness_images(len(x), config().selection_fraction, config().seed)
     with torch.no_grad():
         dense = embedding_module(gm, smap)(x)
-        fit = PCACosineFitness(dense[si], dim=6)
+        fit = NeighbourhoodFitness(dense[si]) if fitness == "neighbours" else PCACosineFitness(dense[si], dim=6)
         per_s, per_q = [], []
         for s in SPARSITIES:
             small = efx.slice(gm, smap, result.keep(smap, s))
@@ -100,7 +110,7 @@ def test_bad_search_sparsities(bad, setup):
 def test_fewer_fitness_images_than_pca_dims_lowers_the_dimension(setup, caplog):
     model, images = setup
     cfg = config()
-    cfg.pca_dim = 192
+    cfg.fitness, cfg.pca_dim = "pca-cosine", 192
     out = prune(model, images, iterations=1, sparsities=(0.3,), config=cfg, progress=False)
     assert out.config["pca_dim"] < 10
     assert any("PCA" in r.getMessage() or "dim" in r.getMessage() for r in caplog.records)
