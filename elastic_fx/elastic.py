@@ -162,7 +162,7 @@ class ElasticModel:
         CPU; ``.pt2``: the loaded program in PyTorch) and ``runtime``. ``latency_batches=()``
         skips timing. ``out_dir`` is written all-or-nothing, as in :meth:`export_onnx`.
         """
-        pairs, skipped = _pairs(formats, precisions)
+        pairs, skipped = check_formats(formats, precisions)
         names = budget_file_names(sparsities)
         check_output(out_dir, "the output folder", ExportError, directory=True)
         if any(b < 1 for b in latency_batches) or latency_iters < 1:
@@ -208,6 +208,7 @@ class ElasticModel:
                         rep = export_onnx(small, tmp / file, x, metadata={**meta, "precision": prec},
                                           fp16=prec == "fp16", **kw)
                         entry["fidelity"] = {"max_abs_diff": rep.max_abs_diff, "against": "sliced fp32 module"}
+                        entry["ort_max_abs_diff"] = rep.max_abs_diff  # the key export_onnx's manifest has
                         fp32_file = tmp / file if prec == "fp32" else fp32_file
                     else:
                         if fp32_file is None:  # int8 starts from a validated fp32 file
@@ -269,7 +270,7 @@ class ElasticModel:
         return images[perm[n_hold:]], images[perm[:n_hold]]
 
 
-def _pairs(formats: Sequence[str], precisions: Sequence[str]):
+def check_formats(formats: Sequence[str], precisions: Sequence[str]):
     """The offered (format, precision) pairs of ``formats`` x ``precisions``, and the rest."""
     formats, precisions = [formats] if isinstance(formats, str) else list(formats), (
         [precisions] if isinstance(precisions, str) else list(precisions))

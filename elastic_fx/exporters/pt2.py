@@ -131,9 +131,12 @@ def export_pt2(module: torch.nn.Module, path: "os.PathLike[str] | str", example_
         result: Dict[str, Any] = {}
 
         def write(tmp: Path) -> None:
-            torch.export.save(program, str(tmp), extra_files={"metadata.json": json.dumps(meta)})
+            # through file objects: torch.export wants a name ending in .pt2, the temporary one does not
+            with open(tmp, "wb") as fh:
+                torch.export.save(program, fh, extra_files={"metadata.json": json.dumps(meta)})
             try:
-                loaded = torch.export.load(str(tmp)).module()
+                with open(tmp, "rb") as fh:
+                    loaded = torch.export.load(fh).module()
             except Exception as e:
                 raise ExportError(f"the saved .pt2 does not load back ({_short(e)}); nothing was written") from e
             worst, worst_tol = 0.0, atol

@@ -14,7 +14,7 @@ through the model's own preprocessing), and:
    cost accuracy and, on the CPU, buy little (``QuantConfig.weighted_only=False`` quantizes
    every listed op);
 3. ``quantize_static`` in the QDQ format: weights int8 per output channel (symmetric),
-   activations int8 per tensor with ranges calibrated on the calibration images (MinMax
+   activations uint8 per tensor (asymmetric) with ranges calibrated on the calibration images (MinMax
    by default). onnxruntime fuses each ``DequantizeLinear → MatMul`` into an integer
    kernel at load time (``MatMulIntegerToFloat`` / ``QLinearMatMul``);
 4. validates the result on the HELD-OUT images: the cosine similarity of every image's
@@ -60,7 +60,10 @@ class QuantConfig:
     """How ``quantize_onnx`` quantizes (defaults: static QDQ, per-channel int8 weights, MinMax).
 
     ``op_types``: the operators to quantize; ``weighted_only``: only those that multiply
-    by a constant weight. ``min_cosine``: the least mean cosine similarity (held-out
+    by a constant weight. ``activation_type``: ``"uint8"`` (U8S8: uint8 activations, int8
+    weights) is onnxruntime's fast path on x86 (``benchmarks/results/deploy.md`` compares it
+    with S8S8); on x86 CPUs without VNNI, ``reduce_range=True`` avoids the saturation of
+    their u8 x s8 instruction. ``min_cosine``: the least mean cosine similarity (held-out
     images, int8 vs fp32 outputs) accepted. ``calibration_batch``: images per
     calibration run (memory: onnxruntime keeps every quantized tensor of a batch).
     """
@@ -69,7 +72,7 @@ class QuantConfig:
     op_types: Tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     weighted_only: bool = True
     calibrate_method: str = "minmax"
-    activation_type: str = "int8"  # or "uint8"
+    activation_type: str = "uint8"  # or "int8"
     reduce_range: bool = False
     min_cosine: float = 0.9
     calibration_batch: int = 8
