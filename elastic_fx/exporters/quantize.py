@@ -31,6 +31,7 @@ keeps the fp32 file.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -45,7 +46,7 @@ import torch
 
 from .._io import check_output
 from ..errors import ConfigError, ExportError, QuantizationError
-from .onnx import _file_bytes, _session, _short, read_metadata
+from .onnx import _file_bytes, _metadata_value, _session, _short, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -265,12 +266,12 @@ def quantize_onnx(fp32_path: "os.PathLike[str] | str", path: "os.PathLike[str] |
             raise ExportError(f"onnxruntime's quantize_static failed on {src.name}: {_short(e)}") from e
         qmodel = onnx.load(str(out))
         quantized, floating = op_summary(qmodel, cfg.op_types)
-        meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+        meta.update({str(k): _metadata_value(v) for k, v in (metadata or {}).items()})
         meta.update({"precision": "int8", "dtype": "int8 weights (QDQ), float32 input/output",
                      "quantization": f"static QDQ, {'per-channel' if cfg.per_channel else 'per-tensor'} int8 weights, "
                                      f"{cfg.activation_type} activations, {cfg.calibrate_method} calibration on "
                                      f"{len(cal)} images",
-                     "quantized_ops": str(quantized), "float_ops": str(floating)})
+                     "quantized_ops": json.dumps(quantized), "float_ops": json.dumps(floating)})
         del qmodel.metadata_props[:]
         for k, v in meta.items():
             entry = qmodel.metadata_props.add()
