@@ -4,7 +4,7 @@
     elastic-fx score MODEL --images DIR --out FILE          local (diagonal-Hessian) scores
     elastic-fx prune MODEL --images DIR --out scores.efx     local scores + xNES search
     elastic-fx export MODEL --scores FILE --sparsity ... --out-dir DIR [--format onnx pt2 --precision fp32 int8]
-    elastic-fx eval MODEL --scores FILE --sparsity ... --train DIR --test DIR   (or --data FILE.npz)
+    elastic-fx eval MODEL --scores FILE --sparsity ... [--onnx FILE ...] --train DIR --test DIR   (or --data FILE.npz)
     elastic-fx report SCORES_FILE                            Markdown report with plots
     elastic-fx import-scores FILE --model MODEL --out scores.efx   (reference code's score files)
     elastic-fx demo                                          the whole pipeline on a small ViT
@@ -322,9 +322,11 @@ def cmd_eval(args) -> int:
     from .evaluate import LinearProbeConfig, evaluate_budgets, format_budget_table
     from .passes.discover import discover
 
+    if not args.onnx and not args.sparsity:
+        from .errors import ConfigError
+
+        raise ConfigError("give --sparsity S ... (sub-networks of MODEL) or --onnx FILE ... (exported files) to evaluate")
     _, gm = _model_and_graph(args)
-    smap = discover(gm)
-    scores = _scores_for(args, gm, smap)
     size = gm.meta["elastic_fx.example_inputs"][0].shape[-1]
     if args.data:
         data = load_labelled(args.data, image_size=size)
@@ -335,6 +337,20 @@ def cmd_eval(args) -> int:
 
         raise DataError("give labelled images: --data FILE.npz, or --train DIR --test DIR (class_name/image.jpg)")
     linear = LinearProbeConfig(epochs=args.linear_epochs) if args.linear_epochs else None
+    if args.onnx:
+        from .data import PREPROCESS_META
+        from .evaluate import evaluate_onnx
+
+        print(f"| file | k-NN top-1 (%) |{' linear top-1 (%) |' if linear else ''}")
+        print(f"|---|---:|{'---:|' if linear else ''}")
+        for path in args.onnx:
+            acc = evaluate_onnx(path, data, gm.meta[PREPROCESS_META], k=args.k, linear=linear)
+            probe = f" {100 * acc['linear_top1']:.1f} |" if linear else ""
+            print(f"| {path} | {100 * acc['knn_top1']:.1f} |{probe}")
+        if not args.sparsity:
+            return 0
+    smap = discover(gm)
+    scores = _scores_for(args, gm, smap)
     results = evaluate_budgets(gm, scores, data, _sparsities([0.0] + [s for s in args.sparsity if s > 0]),
                                k=args.k, linear=linear, device=args.device or "cpu", mean=args.mean, std=args.std)
     print(format_budget_table(results, title=f"{args.model}: k-NN (k={args.k}) by budget"))
@@ -436,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="k-NN (and linear probe) accuracy of the sub-network at each sparsity")
     _add_model(p)
     p.add_argument("--scores", default="magnitude", help="score file (.efx) or a baseline: magnitude, lamp, random")
-    p.add_argument("--sparsity", type=float, nargs="+", required=True)
+    p.add_argument("--sparsity", type=float, nargs="+", default=None)
+    p.add_argument("--onnx", nargs="+", default=None, metavar="FILE",
+                   help="also evaluate exported ONNX files (fp32, fp16 or int8) of MODEL, on their first output")
     p.add_argument("--train", help="labelled train folder (class_name/image.jpg)")
     p.add_argument("--test", help="labelled test folder")
     p.add_argument("--data", help="an .npz with x_train, y_train, x_test, y_test")

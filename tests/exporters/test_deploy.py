@@ -257,6 +257,22 @@ def test_cli_export_formats_and_precisions(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(e["format"], e["precision"]) for e in manifest["budgets"]] == [
         ("onnx", "fp32"), ("onnx", "int8"), ("pt2", "fp32")]
+    # elastic-fx eval accepts the exported files, the INT8 one included: two separable classes
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 2, n)
+        return (np.where(y[:, None, None, None] == 1, 200, 30) + rng.integers(0, 40, (n, 32, 32, 3))).astype(np.uint8), y
+
+    (xtr, ytr), (xte, yte) = split(40), split(20)
+    np.savez(tmp_path / "d.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    files = [str(out / "sparsity_50.onnx"), str(out / "sparsity_50.int8.onnx")]
+    assert main(["eval", f"{tmp_path / 'models.py'}:tiny", "--onnx", *files, "--data", str(tmp_path / "d.npz"),
+                 "--k", "5"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| /")]
+    assert [r.split("|")[1].strip() for r in rows] == files
+    assert all(float(r.split("|")[2]) >= 90.0 for r in rows)  # separable classes, on the file's outputs
+
     bad = argv[:argv.index("--format")] + ["--format", "tflite"]
     bad[bad.index(str(out))] = str(tmp_path / "out2")
     assert main(bad) == 1
