@@ -228,6 +228,13 @@ def test_unquantizable_model_keeps_the_float_file(em, images, tmp_path, monkeypa
     assert entry["file"] == "sparsity_50.onnx" and entry["precision"] == "fp32"
     assert "Relu x1" in entry["int8_skipped"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "sparsity_50.onnx"]
+    assert entry["fidelity"]["max_abs_diff"] < 1e-4
+    # with fp32 asked for too, its entry says why there is no int8 file
+    manifest = em.export(tmp_path / "both", [0.5], precisions=("int8", "fp32"), calibration=images,
+                         latency_batches=())
+    (entry,) = manifest["budgets"]
+    assert entry["precision"] == "fp32" and "Relu x1" in entry["int8_skipped"]
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["manifest.json", "sparsity_50.onnx"]
 
 
 def test_int8_calibration_defaults_to_the_recorded_prune_images(em, tmp_path, monkeypatch):
