@@ -78,6 +78,25 @@ def test_pt2_round_trip_equals_the_sliced_module_at_another_batch_size(em, tmp_p
     assert json.loads(read_pt2_metadata(tmp_path / "s50.pt2")["sparsity"]) == 0.5
 
 
+@pytest.mark.parametrize("name", ["hf_vit", "torchvision_vit"])
+def test_pt2_of_other_families(name, traced, tmp_path):
+    """A Hugging Face model (traced by torch.export, dict outputs) and torchvision's nn.MultiheadAttention."""
+    from elastic_fx.exporters.onnx import _flatten_tensors
+
+    _, inputs, gm, smap = traced(name)
+    g = torch.Generator().manual_seed(0)
+    heads = {b.index: torch.rand(b.attention.num_heads, generator=g) for b in smap.blocks if b.attention}
+    neurons = {b.index: torch.rand(b.mlp.hidden_features, generator=g) for b in smap.blocks if b.mlp}
+    small = efx.slice(gm, smap, efx.budget_masks(smap, heads, neurons, sparsity=0.5))
+    efx.export_pt2(small, tmp_path / "m.pt2", inputs[0])
+    x = torch.randn(3, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = _flatten_tensors(efx.load_pt2(tmp_path / "m.pt2")(x)), _flatten_tensors(small(x))
+    assert len(got) == len(want) >= 1
+    for (_, a), (_, b) in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 class _ExportsDifferently(torch.nn.Module):
     """Adds 1 while torch.export captures it: the exported program disagrees with the module."""
 
