@@ -168,12 +168,12 @@ class ElasticModel:
         if any(b < 1 for b in latency_batches) or latency_iters < 1:
             raise ConfigError(f"latency_batches={tuple(latency_batches)} must be positive and latency_iters="
                               f"{latency_iters} >= 1")
+        if quant is not None and not isinstance(quant, QuantConfig):
+            raise ConfigError(f"quant must be an elastic_fx.QuantConfig, got {type(quant).__name__}")
         keeps = [self.keep(s) for s in sparsities]  # an unreachable budget fails here, before any file
         cal = hold = None
         if any(p == "int8" for _, p in pairs):
             cal, hold = self._calibration_split(calibration, num_calibration, num_holdout, seed)
-        if quant is not None and not isinstance(quant, QuantConfig):
-            raise ConfigError(f"quant must be an elastic_fx.QuantConfig, got {type(quant).__name__}")
         x = example_inputs_of(self.gm)[0]
         pre = self.gm.meta.get(PREPROCESS_META)
         manifest: Dict[str, Any] = {}
