@@ -180,6 +180,7 @@ def test_quant_config_refuses_unknown_settings():
 # ----------------------------------------------------------------------------- ElasticModel.export
 
 
+@pytest.mark.slow
 def test_export_writes_every_pair_with_a_full_manifest(em, images, tmp_path):
     out = tmp_path / "deploy"
     manifest = em.export(out, [0.3, 0.5], formats=("onnx", "pt2"), precisions=("fp32", "int8"),
@@ -237,6 +238,7 @@ def test_export_refuses_empty_and_corrupt_calibration_folders(em, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_unquantizable_model_keeps_the_float_file(em, images, tmp_path, monkeypatch):
     def refuse(src, *a, **k):
         raise efx.QuantizationError("s.onnx has no operator onnxruntime can quantize; its operators: Relu x1")
@@ -266,6 +268,7 @@ def test_int8_calibration_defaults_to_the_recorded_prune_images(em, tmp_path, mo
 # ----------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_export_formats_and_precisions(tmp_path, capsys):
     from elastic_fx.cli import main
 
