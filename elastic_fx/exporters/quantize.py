@@ -64,7 +64,8 @@ class QuantConfig:
     by a constant weight. ``activation_type``: ``"uint8"`` (U8S8: uint8 activations, int8
     weights) is onnxruntime's fast path on x86 (``benchmarks/results/deploy.md`` compares it
     with S8S8); on x86 CPUs without VNNI, ``reduce_range=True`` avoids the saturation of
-    their u8 x s8 instruction. ``min_cosine``: the least mean cosine similarity (held-out
+    their u8 x s8 instruction. ``quantize_outputs=False`` leaves the quantized ops' outputs
+    in float (onnxruntime then runs ``MatMulIntegerToFloat``, dequantization and bias fused). ``min_cosine``: the least mean cosine similarity (held-out
     images, int8 vs fp32 outputs) accepted. ``calibration_batch``: images per
     calibration run (memory: onnxruntime keeps every quantized tensor of a batch).
     """
@@ -77,6 +78,7 @@ class QuantConfig:
     reduce_range: bool = False
     min_cosine: float = 0.9
     calibration_batch: int = 8
+    quantize_outputs: bool = True
 
     def __post_init__(self) -> None:
         if self.calibrate_method not in CALIBRATION_METHODS:
@@ -251,6 +253,8 @@ def quantize_onnx(fp32_path: "os.PathLike[str] | str", path: "os.PathLike[str] |
         act = QuantType.QInt8 if cfg.activation_type == "int8" else QuantType.QUInt8
         out = tmp / "int8.onnx"
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True}
+        if not cfg.quantize_outputs:
+            extra["OpTypesToExcludeOutputQuantization"] = list(cfg.op_types)
         if cfg.calibrate_method == "minmax":
             extra["CalibStridedMinMax"] = 1  # one batch per calibration pass, ranges merged
         try:

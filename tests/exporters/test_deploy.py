@@ -150,6 +150,18 @@ def test_int8_file_is_quantized_and_close_to_fp32(fp32_file, images, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s50.int8.onnx"]
 
 
+def test_int8_with_float_outputs_quantizes_fewer_tensors(fp32_file, images, tmp_path):
+    default = efx.quantize_onnx(fp32_file, tmp_path / "a.onnx", images[:32], images[32:])
+    float_out = efx.quantize_onnx(fp32_file, tmp_path / "b.onnx", images[:32], images[32:],
+                                  config=efx.QuantConfig(quantize_outputs=False))
+    assert float_out.quantized_ops == default.quantized_ops and float_out.cosine_mean >= 0.9
+
+    def q_nodes(path):
+        return sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
+
+    assert q_nodes(tmp_path / "b.onnx") < q_nodes(tmp_path / "a.onnx")
+
+
 def test_int8_below_the_cosine_bound_writes_nothing(fp32_file, images, tmp_path):
     with pytest.raises(efx.ExportError, match="too far from fp32.*nothing was written"):
         efx.quantize_onnx(fp32_file, tmp_path / "q.onnx", images[:32], images[32:],
