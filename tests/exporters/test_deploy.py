@@ -277,6 +277,17 @@ def test_int8_calibration_defaults_to_the_recorded_prune_images(em, tmp_path, mo
     assert len(cal) + len(hold) == 8 and len(hold) == 2 and cal.shape[1:] == (3, 32, 32)
 
 
+def test_prune_records_its_image_folder_for_int8_calibration(em, tmp_path):
+    folder = _png_folder(tmp_path / "prune", 8, size=32)
+    config = efx.SearchConfig(num_images=4, num_fitness_images=8, batch_size=2, pca_dim=4)
+    scores = efx.prune(em.gm, folder, structures=em.smap, iterations=1, sparsities=(0.5,), config=config,
+                       progress=False)
+    back = efx.ElasticScores.load(scores.save(tmp_path / "s.efx"), em.smap)
+    assert back.config["images"] == str(folder.resolve())
+    cal, hold = efx.ElasticModel(em.gm, back)._calibration_split(None, 128, 32, seed=0)
+    assert len(cal) + len(hold) == 8
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
