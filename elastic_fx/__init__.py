@@ -17,11 +17,14 @@ from .errors import (
     ExportError,
     ModelError,
     NumericalError,
+    QuantizationError,
     ScoresError,
     SliceError,
     TracingError,
 )
 from .exporters.onnx import ExportReport, export_onnx
+from .exporters.pt2 import Pt2Report, export_pt2, load_pt2
+from .exporters.quantize import QuantConfig, QuantReport, quantize_onnx
 from .keep import KeepMask
 from .passes.discover import discover
 from .passes.embedding import embedding_module
@@ -49,11 +52,15 @@ __all__ = [
     "ExportError",
     "ModelError",
     "ExportReport",
+    "Pt2Report",
+    "QuantConfig",
+    "QuantReport",
     "Floors",
     "KeepMask",
     "LocalScores",
     "MlpGroup",
     "NumericalError",
+    "QuantizationError",
     "ParamSlice",
     "ScoresError",
     "SearchConfig",
@@ -67,6 +74,9 @@ __all__ = [
     "discover",
     "embedding_module",
     "export_onnx",
+    "export_pt2",
+    "load_pt2",
+    "quantize_onnx",
     "local_scores",
     "max_sparsity",
     "nested_masks",

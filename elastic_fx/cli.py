@@ -3,8 +3,8 @@
     elastic-fx inspect MODEL            heads, FFN neurons, params and GFLOPs per block
     elastic-fx score MODEL --images DIR --out FILE          local (diagonal-Hessian) scores
     elastic-fx prune MODEL --images DIR --out scores.efx     local scores + xNES search
-    elastic-fx export MODEL --scores FILE --sparsity ... --out-dir DIR   one ONNX per budget
-    elastic-fx eval MODEL --scores FILE --sparsity ... --train DIR --test DIR   (or --data FILE.npz)
+    elastic-fx export MODEL --scores FILE --sparsity ... --out-dir DIR [--format onnx pt2 --precision fp32 int8]
+    elastic-fx eval MODEL --scores FILE --sparsity ... [--onnx FILE ...] --train DIR --test DIR   (or --data FILE.npz)
     elastic-fx report SCORES_FILE                            Markdown report with plots
     elastic-fx import-scores FILE --model MODEL --out scores.efx   (reference code's score files)
     elastic-fx demo                                          the whole pipeline on a small ViT
@@ -205,13 +205,17 @@ def _scores_for(args, gm, smap):
 
 
 def cmd_export(args) -> int:
-    from .elastic import ElasticModel
+    from .elastic import ElasticModel, budget_file_names, check_formats
     from .passes.discover import discover
-
-    from .elastic import budget_file_names
 
     _output(args.out_dir, "--out-dir", directory=True)
     budget_file_names(_sparsities(args.sparsity))
+    precisions = args.precision or (["fp16"] if args.fp16 else ["fp32"])
+    if args.fp16 and args.precision and "fp16" not in args.precision:
+        from .errors import ConfigError
+
+        raise ConfigError("--fp16 and --precision disagree; give the precisions with --precision only")
+    check_formats(args.format, precisions)  # a format or precision not offered fails before the model loads
     _, gm = _model_and_graph(args)
     smap = discover(gm)
     scores = _scores_for(args, gm, smap)
@@ -220,13 +224,26 @@ def cmd_export(args) -> int:
     if args.correct:
         from .passes.correct import CorrectionConfig
 
-        correction = CorrectionConfig(damping=args.damping, max_images=args.calibration_images)
-    manifest = em.export_onnx(args.out_dir, _sparsities(args.sparsity), source=args.model, fp16=args.fp16,
-                              correct=args.correct, calibration=args.calibration, correction=correction)
-    print(f"{'file':<22} {'sparsity':>8} {'params (M)':>10} {'GFLOPs':>8} {'ORT max|diff|':>13}")
+        correction = CorrectionConfig(damping=args.damping, max_images=args.calibration_images or 1000)
+    manifest = em.export(args.out_dir, _sparsities(args.sparsity), formats=args.format, precisions=precisions,
+                         calibration=args.calibration, num_calibration=args.calibration_images or 128, source=args.model,
+                         correct=args.correct, correction=correction, seed=args.seed,
+                         latency_batches=args.latency_batches, latency_iters=args.latency_iters)
+    batches = [str(b) for b in args.latency_batches]
+    head = "".join(f" {'ms @' + b:>10}" for b in batches)
+    print(f"{'file':<24} {'sparsity':>8} {'params (M)':>10} {'GFLOPs':>8} {'fidelity':>16}{head}")
     for e in manifest["budgets"]:
-        print(f"{e['file']:<22} {e['sparsity']:>8.3f} {e['params'] / 1e6:>10.2f} {e['gflops']:>8.3f} "
-              f"{e['ort_max_abs_diff']:>13.2e}")
+        fid = e["fidelity"]
+        fidelity = (f"cos {fid['cosine_mean']:.4f}" if "cosine_mean" in fid else
+                    f"|d| {fid['max_abs_diff']:.2e}" if fid.get("max_abs_diff") is not None else "-")
+        times = "".join(f" {e['latency_ms'][b]:>10.2f}" if e["latency_ms"].get(b) is not None else f" {'-':>10}"
+                        for b in batches)
+        print(f"{e['file']:<24} {e['sparsity']:>8.3f} {e['params'] / 1e6:>10.2f} {e['gflops']:>8.3f} "
+              f"{fidelity:>16}{times}")
+        if e.get("int8_skipped"):
+            print(f"  int8 not written: {e['int8_skipped']}")
+    if manifest.get("skipped"):
+        print(f"not offered, skipped: {', '.join(manifest['skipped'])}")
     print(f"manifest: {args.out_dir}/manifest.json")
     return 0
 
@@ -306,9 +323,11 @@ def cmd_eval(args) -> int:
     from .evaluate import LinearProbeConfig, evaluate_budgets, format_budget_table
     from .passes.discover import discover
 
+    if not args.onnx and not args.sparsity:
+        from .errors import ConfigError
+
+        raise ConfigError("give --sparsity S ... (sub-networks of MODEL) or --onnx FILE ... (exported files) to evaluate")
     _, gm = _model_and_graph(args)
-    smap = discover(gm)
-    scores = _scores_for(args, gm, smap)
     size = gm.meta["elastic_fx.example_inputs"][0].shape[-1]
     if args.data:
         data = load_labelled(args.data, image_size=size)
@@ -319,6 +338,20 @@ def cmd_eval(args) -> int:
 
         raise DataError("give labelled images: --data FILE.npz, or --train DIR --test DIR (class_name/image.jpg)")
     linear = LinearProbeConfig(epochs=args.linear_epochs) if args.linear_epochs else None
+    if args.onnx:
+        from .data import PREPROCESS_META
+        from .evaluate import evaluate_onnx
+
+        print(f"| file | k-NN top-1 (%) |{' linear top-1 (%) |' if linear else ''}")
+        print(f"|---|---:|{'---:|' if linear else ''}")
+        for path in args.onnx:
+            acc = evaluate_onnx(path, data, gm.meta[PREPROCESS_META], k=args.k, linear=linear)
+            probe = f" {100 * acc['linear_top1']:.1f} |" if linear else ""
+            print(f"| {path} | {100 * acc['knn_top1']:.1f} |{probe}")
+        if not args.sparsity:
+            return 0
+    smap = discover(gm)
+    scores = _scores_for(args, gm, smap)
     results = evaluate_budgets(gm, scores, data, _sparsities([0.0] + [s for s in args.sparsity if s > 0]),
                                k=args.k, linear=linear, device=args.device or "cpu", mean=args.mean, std=args.std)
     print(format_budget_table(results, title=f"{args.model}: k-NN (k={args.k}) by budget"))
@@ -388,17 +421,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("export", help="one validated ONNX file per budget + manifest.json")
+    p = sub.add_parser("export", help="validated files per budget (ONNX fp32/fp16/int8, .pt2) + manifest.json")
     _add_model(p)
     p.add_argument("--scores", default="magnitude",
                    help="score file (.efx from prune, or from score), or a baseline: magnitude, lamp, random")
     p.add_argument("--sparsity", type=float, nargs="+", required=True)
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--fp16", action="store_true", help="export float16 weights")
+    p.add_argument("--format", nargs="+", default=["onnx"], metavar="FMT",
+                   help="file formats: onnx and/or pt2 (torch.export ExportedProgram); default onnx")
+    p.add_argument("--precision", nargs="+", default=None, metavar="P",
+                   help="precisions: fp32, fp16, int8 (ONNX, static QDQ, needs --calibration); default fp32. "
+                        ".pt2 files are fp32 only")
+    p.add_argument("--fp16", action="store_true", help="export float16 weights (the same as --precision fp16)")
+    p.add_argument("--latency-batches", type=_positive_int, nargs="*", default=[1, 16], metavar="B",
+                   help="batch sizes timed for the manifest (default 1 16; none: no timing)")
+    p.add_argument("--latency-iters", type=_positive_int, default=10, help="timed runs per file and batch size")
     p.add_argument("--correct", action="store_true",
                    help="SparseGPT-style weight correction of the out-projections before slicing")
-    p.add_argument("--calibration", help="image folder for --correct")
-    p.add_argument("--calibration-images", type=int, default=1000)
+    p.add_argument("--calibration", help="image folder for --correct and for int8 (calibration + a held-out check)")
+    p.add_argument("--calibration-images", type=_positive_int, default=None,
+                   help="images used from --calibration (default: 1000 for --correct, 128 for int8)")
     p.add_argument("--damping", default="mean", choices=["mean", "max"],
                    help="correction damping: mean (p=0.01) or max (p=0.1, for models with Hessian outliers)")
     p.add_argument("--seed", type=int, default=0)
@@ -414,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="k-NN (and linear probe) accuracy of the sub-network at each sparsity")
     _add_model(p)
     p.add_argument("--scores", default="magnitude", help="score file (.efx) or a baseline: magnitude, lamp, random")
-    p.add_argument("--sparsity", type=float, nargs="+", required=True)
+    p.add_argument("--sparsity", type=float, nargs="+", default=None)
+    p.add_argument("--onnx", nargs="+", default=None, metavar="FILE",
+                   help="also evaluate exported ONNX files (fp32, fp16 or int8) of MODEL, on their first output")
     p.add_argument("--train", help="labelled train folder (class_name/image.jpg)")
     p.add_argument("--test", help="labelled test folder")
     p.add_argument("--data", help="an .npz with x_train, y_train, x_test, y_test")

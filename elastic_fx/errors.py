@@ -53,3 +53,7 @@ class DistributedError(ElasticFxError):
 
 class ModelError(ElasticFxError):
     """A model spec names no model, its file does not load, or its checkpoint does not fit."""
+
+
+class QuantizationError(ExportError):
+    """A model has no operator onnxruntime can quantize; its float file is the one to deploy."""

@@ -459,6 +459,45 @@ def evaluate_budgets(
     return results
 
 
+class OnnxEmbedder:
+    """An ONNX file (fp32, fp16 or INT8) as a callable for :func:`extract_features`: float
+    ``[B, C, H, W]`` in, its first output as a tensor out (onnxruntime, CPU)."""
+
+    def __init__(self, path: Any) -> None:
+        import onnxruntime as ort
+
+        from .errors import ExportError
+
+        try:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ExportError(f"onnxruntime cannot load {path} ({' '.join(str(e).split())[:300]}); pass an .onnx "
+                              "file written by elastic-fx export") from e
+        spec = self.session.get_inputs()[0]
+        self.name = spec.name
+        self.dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.name: x.detach().cpu().numpy().astype(self.dtype)})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+def evaluate_onnx(path: Any, data: LabelledData, preprocess: Any, *, k: int = 20,
+                  linear: Optional[LinearProbeConfig] = None, batch_size: int = 64) -> dict:
+    """k-NN (and linear-probe) top-1 of an exported ONNX file's outputs on ``data``.
+
+    ``preprocess`` is the model's :class:`~elastic_fx.data.PreprocessConfig` (mean, std,
+    input size). The file's first output is the feature: ``[B, D]`` as is, ``[B, N, D]``
+    its first token. A file exported with its classifier gives logits: k-NN on them is
+    what that file can do, not the paper's protocol on the pooled embedding.
+    """
+    side = preprocess.input_size[0] if preprocess.input_size[0] == preprocess.input_size[1] else None
+    return evaluate_features(OnnxEmbedder(path), data, mean=preprocess.mean, std=preprocess.std, image_size=side,
+                             batch_size=batch_size, k=k, linear=linear)
+
+
 def format_budget_table(results: Sequence[BudgetResult], title: Optional[str] = None) -> str:
     """A Markdown table of :func:`evaluate_budgets` results (accuracies in %)."""
     probe = any(r.linear_top1 is not None for r in results)

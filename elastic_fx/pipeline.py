@@ -10,6 +10,7 @@ optional checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -130,6 +131,8 @@ def prune(
     scores.config["example_input_shape"] = list(example_inputs_of(gm)[0].shape)
     scores.config["local_seconds"] = round(t_local, 2)
     scores.config["fitness_images"] = int(len(fit_x)) + (int(len(sel_x)) if sel_x is not None else 0)
+    if isinstance(images, (str, os.PathLike)):  # the default INT8 calibration folder of ElasticModel.export
+        scores.config["images"] = str(Path(images).expanduser().resolve())
     return scores
 
 
