@@ -303,12 +303,20 @@ def masked_attention_ref(
     Returns:
         ``[C, B, H, N, d]`` contiguous, in q's dtype.
 
-    Only the kept (c, h) pairs are gathered and attended (in fp32, with
-    ``scaled_dot_product_attention``), so the cost falls with the masked fraction.
+    On the CPU only the kept (c, h) pairs are gathered and attended (in fp32, with
+    ``scaled_dot_product_attention``), so the cost falls with the masked fraction. With a
+    ``head_keep`` on an accelerator the kept pairs are not known to the host without a
+    sync (a ``.cpu()`` waits for every queued kernel), so there every pair is attended and
+    the masked ones zeroed: the same numbers, no host sync, all the FLOPs (the Triton
+    kernel is the path that saves them on CUDA).
     """
     _validate(q, k, v, head_keep, scale)
     C, B, H, N, d = q.shape
-    keep = head_keep.detach().cpu()
+    if head_keep.device.type != "cpu":
+        dense = [t.reshape(C * B, H, t.shape[3], d).float() for t in (q, k, v)]
+        full = F.scaled_dot_product_attention(*dense, scale=_default_scale(d, scale)).view(C, B, H, N, d)
+        return full.masked_fill(~head_keep.view(C, 1, H, 1, 1).to(full.device), 0).to(q.dtype)
+    keep = head_keep.detach()
     pairs = keep.nonzero().tolist()  # [[c, h], ...] kept, in row-major order
     out = torch.empty((C, B, H, N, d), dtype=q.dtype, device=q.device)
     if not pairs or out.numel() == 0:

@@ -64,7 +64,7 @@ from .embedding import embedding_module
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MaskedModel", "build_masked"]
+__all__ = ["MaskedModel", "build_masked", "masks_to"]
 
 #: ``GraphModule.meta`` key of the masked graph: what the pass rewrote (list of strings).
 MASK_META = "elastic_fx.mask"
@@ -196,16 +196,16 @@ class MaskedModel(nn.Module):
                     f"block {bi}: the {kind} mask must be a bool tensor [pairs={P}, {kind}s={size}], got {got}; "
                     "build them with elastic_fx.keep.keep_tensors(smap, keeps)"
                 )
-            out[bi] = m.to(device)
+            out[bi] = m
         return out
 
     def _set(self, head_masks: Mapping, neuron_masks: Mapping, device) -> int:
         head_masks, neuron_masks = head_masks or {}, neuron_masks or {}
         P = self._pairs(head_masks, neuron_masks)
-        for sinks, masks in (
-            (self._head_sinks, self._check("head", head_masks, self.head_sizes, P, device)),
-            (self._neuron_sinks, self._check("neuron", neuron_masks, self.neuron_sizes, P, device)),
-        ):
+        heads = self._check("head", head_masks, self.head_sizes, P, device)
+        neurons = self._check("neuron", neuron_masks, self.neuron_sizes, P, device)
+        heads, neurons = masks_to(device, heads, neurons)
+        for sinks, masks in ((self._head_sinks, heads), (self._neuron_sinks, neurons)):
             for bi, mods in sinks.items():
                 for mod in mods:
                     mod.set_mask(masks[bi])
@@ -400,6 +400,31 @@ def _mha_node(gm: fx.GraphModule, bi: int, a: AttentionGroup) -> Optional[fx.Nod
                 "compute them"
             )
     return node
+
+
+# ============================================================================ mask transfer
+def masks_to(device: torch.device | str, *dicts: Mapping[int, torch.Tensor]) -> Tuple[Dict[int, torch.Tensor], ...]:
+    """The bool masks of ``dicts`` on ``device``, moved with ONE copy, not one per block.
+
+    A blocking host-to-device copy waits for the GPU queue to drain, so one copy per
+    block per forward would stall the GPU once per block. Masks already on ``device`` stay
+    as they are; the others are packed into one flat tensor (pinned when going to CUDA),
+    copied with ``non_blocking=True`` and split into views on the device.
+    """
+    device = torch.device(device)
+    moving = [(di, k, m) for di, d in enumerate(dicts) for k, m in d.items() if m.device != device]
+    out = [dict(d) for d in dicts]
+    if not moving:
+        return tuple(out)
+    flat = torch.cat([m.reshape(-1) for _, _, m in moving])
+    if device.type == "cuda" and flat.device.type == "cpu":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    start = 0
+    for di, k, m in moving:
+        out[di][k] = flat[start : start + m.numel()].view(m.shape)
+        start += m.numel()
+    return tuple(out)
 
 
 # ============================================================================ public helpers

@@ -206,6 +206,14 @@ def test_reference_only_attends_kept_pairs(monkeypatch):
     assert seen == [(3, 2, 7, 16)]
 
 
+def test_reference_never_reads_a_device_mask_on_the_host():
+    """With head_keep off the CPU the reference must not call .cpu()/.tolist() on it (a host
+    sync per block on a GPU). Meta tensors hold no values, so any such read raises here."""
+    q, k, v = (torch.empty(2, 3, 4, 9, 16, device="meta") for _ in range(3))
+    out = masked_attention_ref(q, k, v, torch.empty(2, 4, dtype=torch.bool, device="meta"))
+    assert out.shape == (2, 3, 4, 9, 16) and out.device.type == "meta" and out.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------- dispatch
 
 

@@ -208,12 +208,35 @@ def test_attention_kernel_receives_the_pair_head_masks(monkeypatch):
         assert torch.equal(keep, heads[b.index])
 
 
+def _kernel_device(interpreted: bool, has_cuda: bool):
+    """Where the Triton kernel can run in this process: CUDA natively, the CPU under the
+    interpreter (which then refuses CUDA tensors), else nowhere (None)."""
+    if interpreted:
+        return torch.device("cpu")
+    return torch.device("cuda") if has_cuda else None
+
+
+def test_kernel_device_never_sends_cpu_tensors_to_a_compiled_kernel(monkeypatch):
+    """On a GPU machine (no interpreter) the kernel test runs on CUDA tensors: forcing Triton
+    on CPU tensors there raises ValueError, which is how this test used to fail."""
+    from elastic_fx.kernels import _dispatch
+
+    assert _kernel_device(interpreted=False, has_cuda=True) == torch.device("cuda")
+    assert _kernel_device(interpreted=True, has_cuda=False) == torch.device("cpu")
+    assert _kernel_device(interpreted=False, has_cuda=False) is None
+    monkeypatch.setattr(_dispatch, "_INTERPRETED", False)
+    monkeypatch.setenv("ELASTIC_FX_FORCE_TRITON", "1")
+    with pytest.raises(ValueError, match="interpreter"):
+        _dispatch.use_triton(torch.device("cpu"), "auto", op="masked_attention")
+
+
 def test_triton_kernel_path_matches_slicing(monkeypatch):
-    """The Triton kernel (interpreted on the CPU) inside the masked forward of a very tiny ViT."""
+    """The Triton kernel (interpreted on the CPU, native on a GPU) inside the masked forward of a very tiny ViT."""
     from timm.models.vision_transformer import VisionTransformer
 
     kernel_mod = importlib.import_module("elastic_fx.kernels.masked_attention")  # the package re-exports the function
-    if not kernel_mod._INTERPRETED and not torch.cuda.is_available():
+    dev = _kernel_device(kernel_mod._INTERPRETED, torch.cuda.is_available())
+    if dev is None:
         pytest.skip("Triton needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU")
     torch.manual_seed(0)
     model = liven(VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
@@ -233,10 +256,13 @@ def test_triton_kernel_path_matches_slicing(monkeypatch):
         decisions.append(real_use_triton(device, backend))
         return decisions[-1]
 
-    monkeypatch.setenv("ELASTIC_FX_FORCE_TRITON", "1")
+    if dev.type == "cpu":
+        monkeypatch.setenv("ELASTIC_FX_FORCE_TRITON", "1")
     monkeypatch.setattr(kernel_mod, "masked_attention_ref", no_reference)
     monkeypatch.setattr(kernel_mod, "_use_triton", use_triton)
-    got = masked_embeddings(build_masked(gm, smap, use_kernel=True), images, keeps)
+    # fp32 everywhere (no bf16 autocast on CUDA): the comparison is with an fp32 sliced model
+    got = masked_embeddings(build_masked(gm, smap, use_kernel=True), images.to(dev), keeps, device=dev,
+                            amp_dtype=torch.float32).cpu()
     assert decisions == [True]  # one block, one forward: the kernel ran
     for p, keep in enumerate(keeps):
         _assert_rel_close(got[p], _sliced_embedding(gm, smap, keep, images))
