@@ -104,13 +104,23 @@ def executed_flops_ratio(gm, smap, keeps: List[Dict], images: torch.Tensor, mask
     return {"executed_flops": executed, "sliced_flops": sliced, "ratio": executed / sliced}
 
 
-def _model(quick: bool) -> torch.nn.Module:
+#: model kind -> (image size, timm VisionTransformer kwargs)
+MODELS = {
+    "tiny": (32, dict(patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)),  # rehearsals only
+    # ViT-Ti/16 widths, half the depth, 112 px (50 tokens): the reference's slicing dominates
+    "quick": (QUICK_SIZE, dict(patch_size=16, embed_dim=192, depth=6, num_heads=3, num_classes=10)),
+    "vitb": (224, dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=1000)),
+}
+MODEL_NAMES = {"tiny": "ViT tiny (48 wide, depth 2)", "quick": "ViT-Ti/16 (depth 6)", "vitb": "ViT-B/16"}
+
+
+def _model(quick: bool | str) -> torch.nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
+    kind = quick if isinstance(quick, str) else ("quick" if quick else "vitb")
     torch.manual_seed(0)
-    if quick:  # ViT-Ti/16 widths, half the depth, 112 px (50 tokens): the reference's slicing dominates
-        return VisionTransformer(img_size=QUICK_SIZE, patch_size=16, embed_dim=192, depth=6, num_heads=3, num_classes=10)
-    return VisionTransformer(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=1000)
+    size, kw = MODELS[kind]
+    return VisionTransformer(img_size=size, **kw)
 
 
 def _peak_flops(device: torch.device) -> float:
@@ -196,17 +206,22 @@ def _masked(gm, smap, images, keeps, batch_size, pair_chunk, repeats=2) -> Dict[
     return runs
 
 
-def run(quick: bool = False, pairs: Optional[int] = None, n_images: Optional[int] = None, batch_size: int = 8,
+def run(quick: bool | str = False, pairs: Optional[int] = None, n_images: Optional[int] = None, batch_size: int = 8,
         pair_chunk: Optional[int] = None, ref_pairs: int = 2, flops_pairs: int = 2, repeats: int = 2,
         device: Optional[str] = None, log=print) -> Dict:
-    """The whole benchmark; returns the JSON dict (``log`` gets the table lines)."""
+    """The whole benchmark; returns the JSON dict (``log`` gets the table lines).
+
+    ``quick``: False (ViT-B/16), True (ViT-Ti widths, depth 6) or a key of :data:`MODELS`;
+    ``"tiny"`` also counts FLOPs on the tiny model.
+    """
+    kind = quick if isinstance(quick, str) else ("quick" if quick else "vitb")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pairs = pairs or (6 if quick else 8)
+    pairs = pairs or (8 if kind == "vitb" else 6)
     n_images = n_images or 64
-    size = QUICK_SIZE if quick else 224
+    size = MODELS[kind][0]
     ref_pairs = max(1, min(ref_pairs, pairs))
 
-    model = _model(quick).eval().to(dev)
+    model = _model(kind).eval().to(dev)
     images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dev)
     gm = efx.trace(model, (images[:2],))
     smap = efx.discover(gm)
@@ -228,8 +243,9 @@ def run(quick: bool = False, pairs: Optional[int] = None, n_images: Optional[int
         rows.append((name, r["seconds"] / pairs, err))
 
     # FLOPs: always on the CPU, with the small model (slicing is what costs), a few pairs and images
-    fmodel = _model(True).eval()
-    fimages = torch.randn(2, 3, QUICK_SIZE, QUICK_SIZE, generator=torch.Generator().manual_seed(2))
+    fkind = "tiny" if kind == "tiny" else "quick"
+    fmodel = _model(fkind).eval()
+    fimages = torch.randn(2, 3, MODELS[fkind][0], MODELS[fkind][0], generator=torch.Generator().manual_seed(2))
     fgm = efx.trace(fmodel, (fimages,))
     fsmap = efx.discover(fgm)
     flops = executed_flops_ratio(fgm, fsmap, _keeps(fsmap, flops_pairs, seed=3), fimages)
@@ -239,7 +255,7 @@ def run(quick: bool = False, pairs: Optional[int] = None, n_images: Optional[int
     achieved = useful / runs["masked"]["seconds"]
     device_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                    else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    log(f"model: {'ViT-Ti/16 (depth 6)' if quick else 'ViT-B/16'} random weights, {pairs} pairs "
+    log(f"model: {MODEL_NAMES[kind]} random weights, {pairs} pairs "
         f"(reference: {ref_pairs}), {n_images} images {size}px, batch {batch_size}, mean sparsity {sparsity:.2f}, "
         f"device {device_name}, masked dtype {str(dtype).replace('torch.', '')}")
     log(f"{'variant':40s} {'s/pair':>8s} {'pairs/s':>8s} {'vs ref':>7s} {'max rel err':>12s}")
@@ -250,11 +266,12 @@ def run(quick: bool = False, pairs: Optional[int] = None, n_images: Optional[int
         f"{ref['forward_s'] / ref_pairs:.2f} s; MaskedModel build (once per search) {runs['masked']['build_s']:.2f} s")
     log(f"useful work: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the measured matmul peak "
         f"({peak / 1e9:.0f} GFLOP/s)")
-    log(f"executed FLOPs / sliced FLOPs (flop_counter, CPU, ViT-Ti depth 6, {flops_pairs} pairs): {flops['ratio']:.3f}")
+    log(f"executed FLOPs / sliced FLOPs (flop_counter, CPU, {MODEL_NAMES[fkind]}, {flops_pairs} pairs): "
+        f"{flops['ratio']:.3f}")
     masked_pair_s = runs["masked"]["seconds"] / pairs
     return {
         "benchmark": "search",
-        "quick": quick,
+        "model": MODEL_NAMES[kind],
         "device": device_name,
         "masked_dtype": str(dtype).replace("torch.", ""),
         "pairs": pairs,
@@ -273,6 +290,7 @@ def run(quick: bool = False, pairs: Optional[int] = None, n_images: Optional[int
         "useful_gflops_per_s": round(achieved / 1e9, 2),
         "fraction_of_peak": round(achieved / peak, 4),
         "executed_flops_ratio": round(flops["ratio"], 4),
+        "executed_flops_model": MODEL_NAMES[fkind],
     }
 
 

@@ -52,6 +52,7 @@ def _autotune_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in (  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+            (64, 16, 4, 2),  # fp32 only (see _prune_configs)
             (64, 32, 4, 2),
             (64, 64, 4, 2),
             (64, 64, 4, 3),
@@ -64,11 +65,18 @@ def _autotune_configs() -> list[triton.Config]:
     ]
 
 
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the fp32 tiles. fp32 dots run as three
+#: tf32 tensor-core dots (``tf32x3``); at head dim 64 these tiles do not spill on sm_90
+#: (64x32) and sm_80 (64x16), where the exact FMA dots spilled 1.7 KB per thread at best
+#: (benchmarks/results/kernels_compile.md).
+FP32_TILES = {(64, 16, 4, 2), (64, 32, 4, 2)}
+
+
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles far larger than the problem, or too large for shared memory.
 
-    fp32 inputs use exact (non-tensor-core) dots: big fp32 tiles overflow shared memory
-    and compile slowly, so fp32 keeps the two smallest tiles.
+    fp32 keeps only :data:`FP32_TILES` (bigger fp32 tiles spill registers); 16-bit dtypes
+    drop the fp32-only 64x16 tile, which wastes their tensor cores.
     """
     n_q, n_kv, block_d = named_args["N"], named_args["N_KV"], kwargs["BLOCK_D"]
     fp32 = named_args["q_ptr"].dtype == torch.float32
@@ -77,7 +85,11 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         if bm > max(64, triton.next_power_of_2(n_q)) or bn > max(32, triton.next_power_of_2(n_kv)):
             continue
-        if (block_d > 128 or fp32) and (bm > 64 or bn > 64 or cfg.num_stages > 2):
+        if fp32 and (bm, bn, cfg.num_warps, cfg.num_stages) not in FP32_TILES:
+            continue
+        if not fp32 and bn < 32:
+            continue
+        if block_d > 128 and (bm > 64 or bn > 64 or cfg.num_stages > 2):
             continue
         kept.append(cfg)
     return kept or configs[:1]
@@ -149,7 +161,7 @@ def _masked_attention_kernel(
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= max(HEAD_DIM, 16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32 rounding), else "tf32" (unused for 16-bit)
+    DOT_PRECISION: tl.constexpr,  # "tf32x3" for fp32 inputs (fp32-accurate on tensor cores), else "tf32" (unused for 16-bit)
     DOT_IN_FP32: tl.constexpr,  # interpreter only: upcast bf16 dot operands (see _dot_in_fp32)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -269,6 +281,13 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
     compiled kernels always use the native bf16 tensor-core dot.
     """
     return _INTERPRETED and dtype == torch.bfloat16
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32: ``tf32x3`` (each operand split into two tf32 halves, three tensor-core dots:
+    fp32-level accuracy without the register-hungry FMA dots of ``ieee``); 16-bit dtypes
+    ignore it. The interpreter multiplies in fp32 whatever it is told."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _int32_addressable(t: torch.Tensor) -> torch.Tensor:
@@ -406,7 +425,7 @@ def masked_attention(
         qk_scale,
         HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=_dot_precision(q.dtype),
         DOT_IN_FP32=_dot_in_fp32(q.dtype),
     )
     return out
