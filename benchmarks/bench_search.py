@@ -8,10 +8,13 @@ images and keep-masks:
   ``copy.deepcopy(gm)`` + ``efx.slice`` + forward of the sliced embedding graph
   (the time is also split into copy+slice and forward);
 * ``masked``    - ``masked_embeddings(build_masked(gm, smap), images, keeps)``: all pairs
-  in batched forwards; masked attention heads are skipped (``use_kernel=True``: the
-  Triton kernel on CUDA, the gathering PyTorch reference on the CPU);
-* ``masked_dense_attn`` - the same with ``use_kernel=False``: attention computed for
-  every head, heads masked at the out-projection only (shows what skipping heads buys).
+  in batched forwards, only the kept work computed: each pair's projections on its kept
+  heads and neurons (gathered weights, one GEMM per pair: ``gather=True``), attention on its
+  kept heads (``use_kernel=True``: the Triton kernel on CUDA, the gathering PyTorch
+  reference on the CPU);
+* ``masked_no_gather`` - ``gather=False``: every projection at full width, removed heads
+  and neurons masked at the out-projection input (the previous default);
+* ``masked_dense_attn`` - ``use_kernel=False, gather=False``: attention for every head too.
 
 Building the MaskedModel (once per search) is timed separately and not included in
 the per-pair rate. Every result is checked against the reference embeddings.
@@ -35,9 +38,6 @@ path (matmuls, convolutions and attention; see :func:`executed_flops_ratio`).
 Correctness: every variant is compared with the sliced reference; the tolerance follows
 the dtype the masked forward ran in (:data:`MAX_REL_ERR`: bf16 autocast on a GPU rounds
 activations to 8 bits of mantissa, so it cannot meet the fp32 bound).
-
-Notes on FFN gathering (computing only the kept neurons with per-pair gathered weights):
-not implemented in the pass; see the pass's module docstring for what was measured.
 
 Prints a small table, then ONE JSON line with the headline figures. Never run by pytest.
 """
@@ -192,9 +192,10 @@ def _reference(gm, smap, images, keeps, batch_size) -> Dict:
 def _masked(gm, smap, images, keeps, batch_size, pair_chunk, repeats=2) -> Dict[str, Dict]:
     """Both masked variants, built once, then timed interleaved; the fastest run counts."""
     runs = {}
-    for name, use_kernel in (("masked", True), ("masked_dense_attn", False)):
+    for name, use_kernel, gather in (("masked", True, True), ("masked_no_gather", True, False),
+                                     ("masked_dense_attn", False, False)):
         t0 = time.perf_counter()
-        model = build_masked(gm, smap, use_kernel=use_kernel)
+        model = build_masked(gm, smap, use_kernel=use_kernel, gather=gather)
         runs[name] = {"model": model, "build_s": time.perf_counter() - t0, "seconds": float("inf")}
         masked_embeddings(model, images[:1], keeps[:1], batch_size=1)  # warm-up
     for _ in range(repeats):  # interleaved, fastest of a few: shared machines are noisy
@@ -281,6 +282,7 @@ def run(quick: bool | str = False, pairs: Optional[int] = None, n_images: Option
         "reference_pairs_per_s": round(1 / ref_pair_s, 4),
         "reference_forward_only_pairs_per_s": round(ref_pairs / ref["forward_s"], 4),
         "masked_pairs_per_s": round(1 / masked_pair_s, 4),
+        "masked_no_gather_pairs_per_s": round(pairs / runs["masked_no_gather"]["seconds"], 4),
         "masked_dense_attn_pairs_per_s": round(pairs / runs["masked_dense_attn"]["seconds"], 4),
         "speedup_vs_reference": round(ref_pair_s / masked_pair_s, 2),
         "speedup_vs_reference_forward_only": round(ref["forward_s"] / ref_pairs / masked_pair_s, 2),

@@ -152,12 +152,42 @@ def test_keep_all_equals_timm_pre_logits():
 
 @pytest.mark.parametrize("name", ["timm_vit", "hf_vit", "timm_beit", "hand_separate_qkv", "torchvision_vit"])
 def test_dense_attention_variant_is_exact_too(name):
-    """use_kernel=False: attention for every head, heads masked at the out-projection only."""
+    """use_kernel=False, gather=False: every head and neuron computed, masked at the out-projection only."""
     gm, smap, images = _traced(name)
     keeps = _random_keeps(smap, 2, seed=7)
-    got = masked_embeddings(build_masked(gm, smap, use_kernel=False), images, keeps)
+    got = masked_embeddings(build_masked(gm, smap, use_kernel=False, gather=False), images, keeps)
     for p, keep in enumerate(keeps):
         _assert_rel_close(got[p], _sliced_embedding(gm, smap, keep, images))
+
+
+def _flops(fn) -> int:
+    """FLOPs by torch.utils.flop_counter (matmuls, convolutions, and the CPU SDPA it has no formula for)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "hf_vit"])
+def test_masked_forward_executes_only_the_kept_flops(name):
+    """Executed FLOPs of one batched forward of P pairs <= 1.15x those of the P sliced models
+    (the projections per pair on the kept heads and neurons, attention on the kept heads)."""
+    gm, smap, images = _traced(name)
+    keeps = _random_keeps(smap, PAIRS, seed=5)
+    sliced = 0
+    for keep in keeps:
+        small = embedding_module(efx.slice(gm, smap, keep), smap)
+        sliced += _flops(lambda: small(images))
+    ratio = {}
+    for gather in (True, False):
+        model = build_masked(gm, smap, gather=gather)
+        ratio[gather] = _flops(lambda: masked_embeddings(model, images, keeps, batch_size=IMAGES,
+                                                         pair_chunk=PAIRS)) / sliced
+    assert 0.999 <= ratio[True] <= 1.15, ratio
+    assert ratio[False] > 1.2, ratio  # full-width projections: what the gathering saves
 
 
 # ----------------------------------------------------------------------------- what the pass rewrote
@@ -170,14 +200,15 @@ def test_every_attention_core_is_replaced(name):
     code = model.graph_module.code
     for b in smap.blocks:
         assert f"efx_attention_{b.index}" in code
-        assert f"efx_mask_heads_{b.index}" in code
-        if b.mlp is not None and b.mlp.prunable:
-            assert f"efx_mask_neurons_{b.index}" in code
+        # projections computed per pair on the kept heads / neurons; no mask slot needed then
+        assert f"efx_gather_heads_{b.index}_" in code and f"efx_mask_heads_{b.index}" not in code
+        if b.mlp is not None and b.mlp.prunable:  # a plain FFN whole, a packed SwiGLU projection by projection
+            assert f"efx_ffn_{b.index}" in code or f"efx_gather_neurons_{b.index}_" in code
     names = [n.name for n in model.graph_module.graph.nodes]
     assert not any("softmax" in n for n in names), "the replaced softmax chains must be gone"
     model.graph_module.graph.lint()
-    dense = build_masked(gm, smap, use_kernel=False).graph_module.code
-    assert "efx_attention_" not in dense and "efx_mask_heads_0" in dense
+    dense = build_masked(gm, smap, use_kernel=False, gather=False).graph_module.code
+    assert "efx_attention_" not in dense and "efx_mask_heads_0" in dense and "efx_gather_" not in dense
 
 
 def test_multihead_attention_is_decomposed():
