@@ -305,7 +305,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--pair-chunk", type=int, default=None)
     ap.add_argument("--paper", action="store_true", help="also time the paper's whole configuration (GPU)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     result = run(args.quick, args.pairs, args.images, args.batch_size, args.pair_chunk, args.ref_pairs)
     if args.paper:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

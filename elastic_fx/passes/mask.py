@@ -7,12 +7,21 @@ so that it takes per-pair keep-masks:
 
 * the image batch ``[B, 3, H, W]`` is repeated once per pair, pair-major, so every
   tensor in the graph carries ``P * B`` samples (index ``p * B + b``);
-* **out-projection masking** (always, and alone already exact): the input of every
-  attention out-projection is multiplied by the pair's head mask expanded over the
-  head's columns, and the input of every prunable FFN out-projection (the hidden
-  activations) by the pair's neuron mask. A removed structure then contributes exactly
-  nothing, which is what the physically sliced model computes (slicing removes exactly
-  those columns);
+* **kept work only** (``gather=True``, the default): per pair, every in-projection of a
+  group (q/k/v, fc1, gate) computes only the rows its kept heads or neurons own, and the
+  out-projection reads only their columns, with gathered weights: one GEMM of
+  ``B * tokens`` rows per pair (:class:`~._masked_modules._GatheredLinear`). A plain FFN
+  (only elementwise ops between its projections) runs whole per pair on its kept neurons
+  (:class:`~._masked_modules._GatheredFFN`), so no hidden feature of a removed neuron is
+  computed or stored. The kept positions come from the host copy of the masks and reach
+  the device in one copy per forward (no sync). Executed FLOPs equal those of the sliced
+  models (``benchmarks/bench_search.py`` counts them);
+* **out-projection masking** (where a projection cannot be gathered, and with
+  ``gather=False``; alone already exact): the input of an attention out-projection is
+  multiplied by the pair's head mask expanded over the head's columns, and the input of
+  a prunable FFN out-projection (the hidden activations) by the pair's neuron mask. A
+  removed structure then contributes exactly nothing, which is what the physically
+  sliced model computes (slicing removes exactly those columns);
 * **masked attention cores** (``use_kernel=True``, the FLOP saving): every
   ``scaled_dot_product_attention`` call and every simple explicit
   ``softmax(q @ kᵀ * s) @ v`` chain (found by :mod:`._attention`, as discovery finds
@@ -37,10 +46,8 @@ leaves ``gm`` where it is, and later edits of ``gm`` are not seen. ``gm`` is not
 modified. What the pass rewrote is listed in ``MaskedModel.rewrites`` and in
 ``graph_module.meta[MASK_META]``.
 
-FFN neurons are not gathered (computing only the kept neurons per pair with gathered
-weights and a batched matmul was not faster than dense + mask once pairs keep different
-fractions, as in the search; see ``benchmarks/results/search.md``): the hidden
-activations are masked instead.
+Masks that arrive on the device instead of the host cost one sync per forward (the kept
+positions must be known to the host to size the GEMMs); :func:`masks_to` moves host masks.
 """
 
 from __future__ import annotations
@@ -142,7 +149,9 @@ class MaskedModel(nn.Module):
     ``forward(images [B, 3, H, W], head_masks {block: bool [P, H_b]},
     neuron_masks {block: bool [P, F_b]}) -> [P, B, D]``: row ``p`` equals the
     embedding of the physically sliced model that keeps what pair ``p``'s masks keep.
-    Blocks missing from a dict are kept whole. See the module docstring for how.
+    Blocks missing from a dict are kept whole. See the module docstring for how;
+    ``use_kernel`` replaces attention cores by masked attention, ``gather`` computes the
+    projections per pair on the kept heads and neurons only.
 
     Attributes:
         smap: the StructureMap the masks refer to.
