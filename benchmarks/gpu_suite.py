@@ -26,7 +26,8 @@ a step measured before it stopped are kept.
 5. ``search``: candidate scoring, batched masked forward vs per-pair slicing on ViT-B/16
    (goal: >= 10x), the executed/sliced FLOPs ratio, and the fitness in bf16 vs fp32 on the
    same pairs (goal: within 1e-3).
-6. ``scoring``: the local-score gradient pass (DINO, 12 crops) on ViT-B/16.
+6. ``scoring``: the local-score gradient pass (DINO, 12 crops) on ViT-B/16, fp32 with the
+   kernel and without, bf16 with the kernel.
 7. ``paper``: ``prune()`` end to end on ViT-B/16 at a reduced size, and the paper
    configuration (1000 images x 12 crops, 50 generations, 1000 fitness images) projected
    from its measured rates (goal: < 5 minutes).
@@ -349,17 +350,36 @@ def _fitness_bf16(ctx: Ctx, kind: str) -> Dict[str, Any]:
 
 
 def step_scoring(ctx: Ctx, out: Dict[str, Any]) -> None:
-    import bench_scoring
+    """The local-score gradient pass (DINO, 2 global + 10 local crops), as bench_scoring times it."""
+    import timm
 
-    argv = (["--images", "64", "--batch-size", "16", "--no-bf16"] if not ctx.rehearse
-            else ["--quick", "--images", "2", "--batch-size", "2"])
-    argv += ["--device", str(ctx.device)]
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        bench_scoring.main(argv)
-    lines = buf.getvalue().strip().splitlines()
-    out["lines"] = lines[:-1]
-    out.update(json.loads(lines[-1]))
+    import elastic_fx as efx
+    from elastic_fx.data import SyntheticSource
+    from elastic_fx.scoring.dino import DinoConfig
+    from elastic_fx.scoring.local import local_scores
+
+    if ctx.rehearse:
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                                  depth=2, num_heads=3, num_classes=0)
+        n, batch, size = 4, 2, 64
+    else:
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+        n, batch, size = 64, 16, 256
+    gm = efx.trace(model.eval().to(ctx.device))
+    images = SyntheticSource(n, size=size, seed=0).tensor()
+    dino = DinoConfig()
+    rows = out.setdefault("rows", [])
+    for name, amp, backend in (("fp32 / kernel", None, "auto"), ("fp32 / torch", None, "torch"),
+                               ("bf16 / kernel", torch.bfloat16, "auto")):
+        if not ctx.cuda and (amp is not None or backend == "torch"):
+            continue  # off CUDA both backends are the same PyTorch code, and bf16 is not the point
+        kw = dict(batch_size=batch, dino=dino, progress=False, amp_dtype=amp, backend=backend)
+        local_scores(gm, images[: 2 * batch], num_images=2 * batch, **kw)  # warm-up: compilation, heuristics
+        ls = local_scores(gm, images, num_images=n, **kw)
+        ips = ls.config["images_per_s"]
+        rows.append({"variant": name, "images": n, "crops_per_image": dino.n_views, "images_per_s": round(ips, 3),
+                     "seconds_per_1000_images": round(1000 / ips, 2)})
+    out["best_seconds_per_1000_images"] = min(r["seconds_per_1000_images"] for r in rows)
 
 
 def step_paper(ctx: Ctx, out: Dict[str, Any]) -> None:
