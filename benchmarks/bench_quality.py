@@ -110,7 +110,10 @@ ABLATIONS = {
     "all_on": ("every change on (the default search, at ablation size)", {}),
     "linear_space": ("item 1 off: the linear space c = z from the 1.2 -> 0.8 ramp, spread 1, xNES step-size rate",
                      {"space": "linear", "eta_sigma": "xnes"}),
-    "pca_192": ("item 4 off: PCA to 192 dims, capped at the search images - 1 (the old default)", {"pca_dim": 192}),
+    "pca_cosine": ("fitness: PCA cosine to the dense embeddings (paper Eq. 6), PCA size 'auto' (95 % of the error)",
+                   {"fitness": "pca-cosine"}),
+    "pca_192": ("item 4 off: PCA cosine, PCA to 192 dims capped at the search images - 1 (the first default)",
+                {"fitness": "pca-cosine", "pca_dim": 192}),
     "separate": ("item 5: heads and neurons ranked apart (reference split, head offset 0.15)", {"ranking": "separate"}),
     "cka": ("item 6 on: CKA initial covariance", {"cka_init": True}),
     "sigma_0.1": ("initial spread 0.1", {"sigma0": 0.1}),
@@ -136,9 +139,12 @@ class QualityConfig:
     pca_dim: Any = "auto"  # SearchConfig.pca_dim of the main search
     popsize: int = 0  # 0: the xNES default 4 + floor(3 ln d) (15 for 6 blocks x 6 heads)
     generations: int = 20  # the "elastic" method
-    search_sparsities: Tuple[float, ...] = (0.1, 0.3, 0.5, 0.6)
+    # the search sees the budgets it is judged at (the proxy study on train images: fitness at 60 % does
+    # not predict k-NN at 70 %); the low end adds nothing (every method is within noise below 30 %)
+    search_sparsities: Tuple[float, ...] = (0.3, 0.5, 0.6, 0.7)
     # ablations: separate, smaller searches (their own generations / population), each one setting changed
-    ablations: Tuple[str, ...] = ("all_on", "linear_space", "pca_192", "separate", "cka", "sigma_0.1", "sigma_0.5")
+    ablations: Tuple[str, ...] = ("all_on", "pca_cosine", "pca_192", "linear_space", "separate", "cka", "sigma_0.1",
+                                  "sigma_0.5")
     ablation_generations: int = 8
     ablation_popsize: int = 8
     ablation_sparsities: Tuple[float, ...] = (0.5, 0.6, 0.65, 0.7)
@@ -916,6 +922,8 @@ def _derived(scores: Any, choose: str) -> Optional[Dict[str, Any]]:
         return None
     if choose == "by_search":  # item 3 off: the best search fitness wins, nothing held out
         best = max(pool, key=lambda e: e["search"])
+    elif choose == "any_gain":  # the best selection fitness wins, however small its gain over c = 1
+        best = max(pool, key=lambda e: e["selection"])
     else:  # item 2 off: no c = 1 and no final mean among the choices
         rest = [e for e in pool if e["name"] not in ("c=1", "final mean")]
         if not rest:
@@ -977,7 +985,7 @@ def proxy_study(setup: Setup, cfg: QualityConfig, cache: Cache, local: LocalScor
 
     from elastic_fx.passes.mask import build_masked
     from elastic_fx.search.evaluate import masked_embeddings
-    from elastic_fx.search.fitness import PCACosineFitness
+    from elastic_fx.search.fitness import NeighbourhoodFitness, PCACosineFitness
     from elastic_fx.search.search import split_fitness_images
 
     t0 = time.perf_counter()
@@ -993,9 +1001,9 @@ def proxy_study(setup: Setup, cfg: QualityConfig, cache: Cache, local: LocalScor
     embed = embedding_module(setup.gm, setup.smap).eval()
     with torch.no_grad():
         dense = embed(setup.fit_x).float()
-    fits = {"selection (the search's)": PCACosineFitness(dense[si], dim=main.config.get("pca_dim")),
-            "full space": PCACosineFitness(dense[si], dim=None),
-            "PCA 192 (capped)": PCACosineFitness(dense[si], dim=192)}
+    fits = {"neighbourhood overlap (the search's)": NeighbourhoodFitness(dense[si]),
+            "PCA cosine, full space": PCACosineFitness(dense[si], dim=None),
+            "PCA cosine, 192 dims (capped)": PCACosineFitness(dense[si], dim=192)}
     proxies = {k: [] for k in fits}
     knn = {s: [] for s in cfg.proxy_sparsities}
     nr = setup.n_val_ref
@@ -1055,7 +1063,8 @@ def _ablation_rows(cache: Cache, cfg: QualityConfig, variants: Dict[str, Any]) -
                     f"{c1.get('search', 0):.4f} / {win.get('search', 0):.4f} | "
                     f"{_f4(c1.get('selection'))} / {_f4(win.get('selection'))} | {knn('abl_' + name)} |")
     for choose, what in (("by_search", "item 3 off: winner by search fitness (nothing held out)"),
-                         ("no_c1", "item 2 off: c = 1 and the final mean not among the choices")):
+                         ("no_c1", "item 2 off: c = 1 and the final mean not among the choices"),
+                         ("any_gain", "the best selection fitness wins, without the 95 % interval test against c = 1")):
         entry = cache.get(f"derived/{choose}")
         if entry is not None:
             rows.append(f"| {choose} | {what} | {entry['name']} | - / {entry['search']:.4f} | - / "
@@ -1110,7 +1119,7 @@ def run(cfg: QualityConfig, setup: Setup, work_dir: Path, out_dir: Path, mode: s
     if base is not None:  # items 2 and 3 off: other choices among the same evaluated pool
         pool = base.selection.get("pool") or []
         factors = cache.get("pool/abl_all_on") or []
-        for choose in ("by_search", "no_c1"):
+        for choose in ("by_search", "no_c1", "any_gain"):
             entry = _derived(base, choose)
             if entry is None or len(factors) != len(pool):
                 continue

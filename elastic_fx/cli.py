@@ -271,6 +271,7 @@ def cmd_prune(args) -> int:
     pca = args.pca_dim
     cfg = SearchConfig(num_images=args.num_images, num_fitness_images=args.fitness_images,
                        batch_size=args.batch_size, popsize=args.popsize, pca_dim=None if pca == "full" else pca,
+                       fitness=args.fitness,
                        ranking=args.ranking, space=args.space, sigma0=args.sigma0,
                        selection_fraction=args.selection_fraction)
     scores = prune(model, args.images, iterations=args.iterations, sparsities=_sparsities(args.sparsities),
@@ -368,9 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fitness-images", type=int, default=1000, help="images for the fitness")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--popsize", type=int, default=None, help="xNES population (default 4 + 3 ln d)")
+    p.add_argument("--fitness", default="neighbours", choices=["neighbours", "pca-cosine"],
+                   help="neighbours: how well each fitness image keeps its neighbours (default); pca-cosine: "
+                        "PCA cosine to the dense embeddings (paper Eq. 6)")
     p.add_argument("--pca-dim", default="auto", type=_pca_dim,
-                   help="PCA components of the fitness: auto (the fewest holding 95%% of the pruning error), "
-                        "full (no projection), or a number (the paper: 192)")
+                   help="with --fitness pca-cosine, PCA components: auto (the fewest holding 95%% of the pruning "
+                        "error), full (no projection), or a number (the paper: 192)")
     p.add_argument("--ranking", default="global", choices=["global", "separate"],
                    help="heads and neurons in one ranking (global, paper Eq. 9) or each on its own (separate)")
     p.add_argument("--space", default="log", choices=["log", "linear"],

@@ -51,7 +51,7 @@ def run_demo(args) -> dict:
     from .passes.embedding import embedding_module
     from .pipeline import SearchConfig, prune
     from .report import budget_table, markdown_table, write_report
-    from .search.fitness import PCACosineFitness
+    from .search.fitness import NeighbourhoodFitness, PCACosineFitness
     from .tracing import trace
 
     t0 = time.time()
@@ -83,7 +83,9 @@ def run_demo(args) -> dict:
     fit_x = load_tensor(images, pre, n, seed=1)
     with torch.no_grad():
         dense = embedding_module(gm, smap)(fit_x).float()
-        fitness = PCACosineFitness(dense, dim=min(192, n - 1))
+        # the search's fitness, on the demo's images
+        fitness = (NeighbourhoodFitness(dense, cfg.temperature) if cfg.fitness == "neighbours"
+                   else PCACosineFitness(dense, dim=min(192, n - 1)))
         extra = {}
         dense_onnx = out / "onnx" / "dense.onnx"
         export_onnx(gm, dense_onnx, fit_x[:2], metadata={"sparsity": 0.0, "source_model": args.model})

@@ -111,7 +111,7 @@ def _fmt(v) -> str:
 
 def _space(cfg: dict) -> str:
     dim, share = cfg.get("pca_dim", "?"), cfg.get("pca_error_share")
-    where = "the full embedding space" if dim is None else f"PCA to {dim} dims"
+    where = cfg.get("fitness_used") or ("the full embedding space" if dim is None else f"PCA to {dim} dims")
     held = "" if share is None or share != share else f" ({100 * share:.1f} % of the pruning error inside)"
     return f"{where}{held}, {cfg.get('search_images', '?')} search / {cfg.get('selection_images', '?')} selection images"
 
@@ -125,6 +125,12 @@ def _selection_lines(sel: dict) -> List[str]:
              "| candidate | search fitness | selection fitness |", "|---|---:|---:|",
              f"| c = 1 (no search) | {_fmt(c1.get('search'))} | {_fmt(c1.get('selection'))} |",
              f"| winner: {win.get('name', '-')} | {_fmt(win.get('search'))} | {_fmt(win.get('selection'))} |", ""]
+    best = sel.get("best") or {}
+    if best.get("gain_interval") and best.get("name") != win.get("name"):
+        lo, hi = best["gain_interval"]
+        lines += [f"Best other candidate on the selection images: {best['name']} ({_fmt(best.get('selection'))}); "
+                  f"its gain over c = 1 has the {100 * best.get('confidence', 0):g} % interval [{lo:+.4f}, {hi:+.4f}], "
+                  "which reaches 0, so it was not trusted.", ""]
     if sel.get("chosen") == "c=1":
         lines += ["Nothing the search found beat the no-search ranking on the held-out selection images, "
                   "so the no-search ranking (c = 1) was kept.", ""]

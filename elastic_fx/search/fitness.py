@@ -1,4 +1,8 @@
-"""Label-free fitness of a pruned candidate: PCA-projected cosine similarity to the dense model.
+"""Label-free fitness of a pruned candidate against the dense model.
+
+Two fitnesses: :class:`NeighbourhoodFitness` (the search's default: does each image keep its
+neighbours among the fitness images?) and :class:`PCACosineFitness` (the paper's Eq. 6:
+PCA-projected cosine similarity to the dense embedding), described here.
 
 The dense model embeds ``N`` fixed images once (default 1000, decoded and preprocessed
 once by the caller and kept as a tensor). A PCA with ``dim`` components (default 192)
@@ -47,6 +51,9 @@ logger = logging.getLogger(__name__)
 #: Paper defaults: 1000 fixed images, PCA to 192 dimensions.
 DEFAULT_NUM_IMAGES = 1000
 DEFAULT_PCA_DIM = 192
+
+#: Temperature of the neighbourhood fitness (that of the weighted k-NN vote used to evaluate features).
+DEFAULT_TEMPERATURE = 0.07
 
 #: Norms below this count as zero vectors (their cosine is 0, not NaN).
 _EPS = 1e-12
@@ -227,6 +234,9 @@ class PCACosineFitness:
         """Mean cosine over the images: ``[..., N, D] -> [...]`` (1 for pruned == dense)."""
         return self.per_image(pruned, dense).mean(dim=-1)
 
+    def describe(self) -> str:
+        return "PCA cosine, " + ("the full embedding space" if self.full_space else f"PCA to {self.dim} dims")
+
     def candidate_fitness(self, pruned: torch.Tensor) -> torch.Tensor:
         """Paper Eq. 6 for a batch: ``[candidates, sparsities, N, D] -> [candidates]``."""
         if pruned.ndim != 4:
@@ -235,6 +245,75 @@ class PCACosineFitness:
                 "[candidates, sparsities, N, D]."
             )
         return self(pruned).mean(dim=-1)
+
+
+class NeighbourhoodFitness:
+    """How well a pruned model keeps each image's neighbourhood among the fitness images.
+
+    k-NN classification (the usual label-free read-out of a ViT's embeddings) only looks at
+    which images lie close to which. This fitness scores exactly that: for image ``i`` the
+    dense model defines a distribution over the *other* fitness images,
+    ``p_i(j) = softmax_j(cos(z_i, z_j) / T)``, the pruned model another, ``q_i``, computed
+    from the pruned embeddings alone (as k-NN would use them); the score of image ``i`` is
+    their overlap ``sum_j min(p_i(j), q_i(j))`` in ``[0, 1]``, 1 when every cosine is kept.
+
+    Unlike the PCA cosine it ignores what k-NN ignores (a rotation or a common rescaling of
+    the embeddings) and weighs the close pairs that decide a vote most. ``T`` = 0.07 is the
+    temperature of the weighted k-NN vote commonly used to evaluate ViT features; the
+    choice of this fitness as the default rests on the proxy study in
+    benchmarks/results/quality.md (correlation with k-NN accuracy on train-split images).
+
+    Args:
+        dense: dense embeddings ``[N, D]`` of the fitness images (``N >= 3``).
+        temperature: ``T`` above, > 0.
+        chunk: pruned embedding sets compared per step (bounds memory at ``chunk * N * N``).
+    """
+
+    def __init__(self, dense: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE, chunk: int = 16) -> None:
+        if not isinstance(dense, torch.Tensor) or dense.ndim != 2:
+            shape = tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__
+            raise DataError(f"dense embeddings have shape {shape}; expected a tensor [N images, D].")
+        if dense.shape[0] < 3:
+            raise DataError(f"the neighbourhood fitness needs at least 3 fitness images, got {dense.shape[0]}; "
+                            "point the search at more images")
+        if not torch.isfinite(dense).all():
+            raise NumericalError("dense embeddings contain NaN or inf; expected finite values.")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise DataError(f"temperature={temperature!r}; expected a positive number such as 0.07")
+        self.temperature = float(temperature)
+        self.chunk = max(1, int(chunk))
+        self.width = int(dense.shape[1])
+        self.num_images = int(dense.shape[0])
+        self._dense = self.neighbours(dense.detach())
+
+    def describe(self) -> str:
+        return f"neighbourhood overlap (T = {self.temperature:g})"
+
+    def neighbours(self, z: torch.Tensor) -> torch.Tensor:
+        """Each image's distribution over the other images: ``[..., N, D] -> [..., N, N]`` (float32+)."""
+        z = z.to(_compute_dtype(z.dtype))
+        unit = z / z.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        logits = unit @ unit.transpose(-1, -2) / self.temperature
+        eye = torch.eye(z.shape[-2], dtype=torch.bool, device=z.device)
+        return logits.masked_fill(eye, float("-inf")).softmax(dim=-1)
+
+    def per_image(self, pruned: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Overlap per image: ``[..., N, D] -> [..., N]``; ``dense`` scores other images than the fitted ones."""
+        ref = self._dense if dense is None else self.neighbours(dense.detach())
+        n = ref.shape[-1]
+        if pruned.ndim < 2 or pruned.shape[-2] != n or pruned.shape[-1] != self.width:
+            raise DataError(f"pruned embeddings have shape {tuple(pruned.shape)}; expected [..., {n}, {self.width}] "
+                            "(the same images, in the same order, as the dense embeddings).")
+        lead = pruned.shape[:-2]
+        flat = pruned.reshape(-1, n, self.width)
+        ref = ref.to(flat.device)
+        out = [torch.minimum(self.neighbours(flat[i : i + self.chunk]), ref.to(_compute_dtype(flat.dtype))).sum(-1)
+               for i in range(0, flat.shape[0], self.chunk)]
+        return torch.cat(out).reshape(*lead, n)
+
+    def __call__(self, pruned: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean overlap over the images: ``[..., N, D] -> [...]`` (1 for pruned == dense)."""
+        return self.per_image(pruned, dense).mean(dim=-1)
 
 
 def error_share(dense: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:

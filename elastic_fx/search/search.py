@@ -6,19 +6,23 @@ per-generation checkpoint.
 
 1. The fitness images are split, once and seeded, into a *search* part and a *selection*
    part (or the caller passes ``selection_images``). Dense embeddings of both are computed
-   once; the PCA is fitted on the search part.
-2. ``c = 1`` (the no-search ranking) is evaluated first. Its pruned embeddings also fix the
-   PCA size when ``pca_dim="auto"``: the fewest components that hold 95 % of the pruning
-   error (:func:`~elastic_fx.search.fitness.choose_dim`), or the full embedding space.
+   once; the fitness is fitted on the search part.
+2. ``c = 1`` (the no-search ranking) is evaluated first. With ``fitness="pca-cosine"`` and
+   ``pca_dim="auto"`` its pruned embeddings also fix the PCA size: the fewest components that
+   hold 95 % of the pruning error (:func:`~elastic_fx.search.fitness.choose_dim`), or the full
+   embedding space.
 3. ``iterations`` generations of xNES in the search space (:mod:`~elastic_fx.search.space`;
    by default ``c = exp(z)`` centred, started at ``z = 0``, i.e. at ``c = 1``). Every
    candidate's factors rescale the local scores, the budget cuts the ranking at every
    search sparsity (nested masks), and all (candidate, sparsity) pairs of a generation run
-   in one batched masked forward; fitness = mean PCA cosine to the dense embeddings,
-   averaged over sparsities (paper Eq. 6).
+   in one batched masked forward; fitness, averaged over sparsities: by default how well
+   each image keeps its neighbours among the fitness images
+   (:class:`~elastic_fx.search.fitness.NeighbourhoodFitness`), or the paper's PCA cosine to
+   the dense embeddings (Eq. 6, ``fitness="pca-cosine"``).
 4. Selection on held-out images: ``c = 1``, the final mean and the best
    ``selection_candidates`` distinct candidates by search fitness are scored on the
-   selection part; the best there wins, and ``c = 1`` is returned when nothing beats it.
+   selection part; the best there wins when its per-image gain over ``c = 1`` has a paired-
+   bootstrap interval (``selection_confidence``, 95 %) above 0, else ``c = 1`` is returned.
    Both fitnesses of ``c = 1`` and of the winner go into ``ElasticScores.selection``.
 
 The run checkpoints after every generation (atomically); ``resume=True`` continues from the
@@ -53,7 +57,7 @@ from ..scores import ElasticScores, Layout, LocalScores, rescale
 from ..structures import StructureMap
 from .cka import cka_covariance, cka_matrix, structure_features
 from .evaluate import DEFAULT_ROWS_PER_FORWARD, masked_embeddings
-from .fitness import DEFAULT_ERROR_SHARE, PCACosineFitness, choose_dim
+from .fitness import DEFAULT_ERROR_SHARE, DEFAULT_TEMPERATURE, NeighbourhoodFitness, PCACosineFitness, choose_dim
 from .space import SPACES, SearchSpace
 from .xnes import XNES, XNESConfig, initial_mean
 
@@ -65,6 +69,9 @@ CHECKPOINT_NAME = "search_checkpoint.pt"
 #: Set before measuring; the spread curve in benchmarks/results/quality.md (selection fitness on
 #: train images for 0.1 / 0.25 / 0.5) is flat within its noise on the CIFAR ViT, so it was kept.
 DEFAULT_SIGMA_LOG = 0.25
+#: The fitnesses a search can use (see :mod:`~elastic_fx.search.fitness`).
+FITNESSES = ("neighbours", "pca-cosine")
+
 #: Initial spread of the linear space (the reference's).
 DEFAULT_SIGMA_LINEAR = 1.0
 
@@ -87,13 +94,20 @@ class SearchConfig:
         sparsities: the search sparsities (fraction of prunable parameters removed).
         seed: seeds the image split, the crops, the subsampling and xNES.
         popsize: candidates per generation; None: ``4 + floor(3 ln d)``.
-        pca_dim: PCA components of the fitness: an int (the paper: 192), ``"auto"`` (the
+        fitness: ``"neighbours"`` (how well each fitness image keeps its neighbours among the
+            others, :class:`~elastic_fx.search.fitness.NeighbourhoodFitness`) or ``"pca-cosine"``
+            (the paper's Eq. 6: PCA-projected cosine to the dense embedding).
+        temperature: the neighbourhood fitness's softmax temperature.
+        pca_dim: with ``"pca-cosine"``, PCA components: an int (the paper: 192), ``"auto"`` (the
             fewest holding ``error_share`` of the pruning error), or None (full space).
         error_share: the share ``"auto"`` must hold.
         num_images: gradient images (local scores).
         num_fitness_images: fitness images in all (search + selection parts).
         selection_fraction: the share of the fitness images held out for selection.
         selection_candidates: distinct top candidates (by search fitness) re-scored there.
+        selection_confidence: the best of them replaces ``c = 1`` only when its per-image gain
+            over ``c = 1`` on the selection images has a paired-bootstrap interval at this level
+            whose lower end is above 0; 0 takes any gain.
         batch_size: images per gradient batch.
         eval_batch_size: images per masked forward.
         pair_chunk: (candidate, sparsity) pairs per masked forward; None: all that fit.
@@ -111,12 +125,15 @@ class SearchConfig:
     sparsities: Sequence[float] = (0.1, 0.3, 0.5, 0.6)
     seed: int = 0
     popsize: Optional[int] = None
+    fitness: str = "neighbours"
+    temperature: float = DEFAULT_TEMPERATURE
     pca_dim: Union[int, str, None] = "auto"
     error_share: float = DEFAULT_ERROR_SHARE
     num_images: int = 1000
     num_fitness_images: int = 1000
     selection_fraction: float = 0.5
     selection_candidates: int = 8
+    selection_confidence: float = 0.95
     batch_size: int = 16
     eval_batch_size: int = 64
     pair_chunk: Optional[int] = None
@@ -138,7 +155,7 @@ class SearchConfig:
 
 
 #: Settings a checkpoint must share with the run that resumes it.
-_RESUME_KEYS = ("sparsities", "seed", "popsize", "pca_dim", "space", "sigma0", "eta_sigma", "ranking",
+_RESUME_KEYS = ("sparsities", "seed", "popsize", "fitness", "temperature", "pca_dim", "space", "sigma0", "eta_sigma", "ranking",
                 "head_offset", "selection_fraction", "cka_init")
 
 
@@ -159,6 +176,15 @@ def validate(cfg: SearchConfig, smap: StructureMap) -> None:
         integer("pair_chunk", 1)
     if cfg.space not in SPACES:
         raise ConfigError(f"space={cfg.space!r} is not one of {SPACES}")
+    if cfg.fitness not in FITNESSES:
+        raise ConfigError(f"fitness={cfg.fitness!r} is not one of {FITNESSES}: 'neighbours' scores how well each "
+                          "image keeps its neighbours, 'pca-cosine' the PCA cosine to the dense embedding (paper Eq. 6)")
+    if not (isinstance(cfg.temperature, (int, float)) and not isinstance(cfg.temperature, bool)
+            and math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        raise ConfigError(f"temperature must be a positive number (e.g. 0.07), got {cfg.temperature!r}")
+    if not (isinstance(cfg.selection_confidence, (int, float)) and 0 <= cfg.selection_confidence < 1):
+        raise ConfigError(f"selection_confidence must be in [0, 1) (e.g. 0.95; 0 takes any gain over c = 1), "
+                          f"got {cfg.selection_confidence!r}")
     if cfg.ranking not in RANKINGS:
         raise ConfigError(f"ranking={cfg.ranking!r} is not one of {RANKINGS}: 'global' ranks heads and neurons "
                           "together (paper Eq. 9), 'separate' ranks each kind on its own (the reference code)")
@@ -232,6 +258,12 @@ class _Evaluator:
     def __call__(self, cands: np.ndarray, images: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor],
                  ) -> np.ndarray:
         """Mean fitness over the search sparsities, one value per candidate (float64)."""
+        return self.per_pair(cands, images, score).mean(1).double().numpy()
+
+    def per_pair(self, cands: np.ndarray, images: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor],
+                 per_image: bool = False) -> torch.Tensor:
+        """``score`` of every (candidate, sparsity) pair: ``[candidates, sparsities]``, or
+        ``[candidates, sparsities, images]`` when ``score`` returns one value per image."""
         n_s = len(self.cfg.sparsities)
 
         def mine() -> torch.Tensor:
@@ -242,12 +274,13 @@ class _Evaluator:
                     if lo <= ci * n_s + si < hi:
                         keeps.append(keep)
             if not keeps:
-                return torch.empty(0, dtype=torch.float32)
+                return torch.empty(0, *shape, dtype=torch.float32)
             emb = self.embeddings(images, keeps)
-            return torch.stack([score(e) for e in emb.float()]).cpu()  # [pairs of this rank]
+            return torch.stack([score(e) for e in emb.float()]).float().cpu()  # [pairs of this rank, ...]
 
+        shape = (len(images),) if per_image else ()
         per_pair = self.ctx.gather_cat(self.ctx.all_or_nothing(mine, "evaluating candidates"))
-        return per_pair.view(len(cands), n_s).mean(1).double().numpy()
+        return per_pair.view(len(cands), n_s, *shape)
 
 
 class _TopK:
@@ -323,17 +356,20 @@ def search(
     # 2. c = 1, and with it the PCA size
     c1 = space.factors(space.origin())
     c1_search: Optional[float] = None
+    dim, held = None, float("nan")
     if state is not None:
         dim, held, c1_search = state["pca"]["dim"], state["pca"]["error_share"], state["c1_search"]
-    elif cfg.pca_dim == "auto":
+    elif cfg.fitness == "pca-cosine" and cfg.pca_dim == "auto":
         dim, held, c1_search = ctx.main_then_share(
             lambda: _auto_pca(cfg, evaluate, search_x, dense_search, c1), "scoring c = 1 and choosing the PCA size")
+    elif cfg.fitness == "pca-cosine":
+        dim = cfg.pca_dim
+    if cfg.fitness == "pca-cosine":
+        fitness = ctx.main_then_share(lambda: PCACosineFitness(dense_search, dim=dim), "fitting the PCA")
     else:
-        dim, held = cfg.pca_dim, float("nan")
-    fitness = ctx.main_then_share(lambda: PCACosineFitness(dense_search, dim=dim), "fitting the PCA")
-    log.info("fitness: %s on %d search images (%.1f %% of the pruning error inside), %d selection images",
-             "full embedding space" if fitness.full_space else f"PCA to {fitness.dim} dims", len(search_x),
-             100 * held, len(select_x))
+        fitness = NeighbourhoodFitness(dense_search, cfg.temperature)
+    log.info("fitness: %s on %d search images%s, %d selection images", fitness.describe(), len(search_x),
+             "" if held != held else f" ({100 * held:.1f} % of the pruning error inside)", len(select_x))
 
     def on_search(cands: np.ndarray) -> np.ndarray:
         return evaluate(space.factors(cands), search_x, fitness)
@@ -403,7 +439,8 @@ def search(
         # 4. selection on held-out images
         pool = [("c=1", space.origin(), c1_search), ("final mean", np.asarray(mean_z), mean_search)]
         pool += [(f"top-{i + 1}", np.asarray(z), f) for i, (f, z) in enumerate(top_entries)]
-        chosen, record = _select(pool, space, evaluate, select_x, dense_select, fitness, callback)
+        chosen, record = _select(pool, space, evaluate, select_x, dense_select, fitness, callback,
+                                 cfg.selection_confidence, cfg.seed)
         t_search = time.time() - t1
     finally:
         _note_recovery(ctx, None, None)
@@ -414,15 +451,18 @@ def search(
         ranking=cfg.ranking, head_offset=float(cfg.head_offset), history=history, best_fitness=float(chosen[2]),
         mean_fitness=mean_search, selection=record, preprocess=preprocess,
         config={**_jsonable(asdict(cfg)), "method": local.method, "pca_dim_requested": cfg.pca_dim,
-                "pca_dim": None if fitness.full_space else fitness.dim, "pca_error_share": held, "popsize": popsize, "search_seconds": round(t_search, 2),
+                "pca_dim": None if not isinstance(fitness, PCACosineFitness) or fitness.full_space else fitness.dim,
+                "pca_error_share": held, "fitness_used": fitness.describe(), "popsize": popsize,
+                "search_seconds": round(t_search, 2),
                 "search_images": int(len(search_x)), "selection_images": int(len(select_x)),
                 "eta_sigma_used": eta_sigma},
     )
 
 
 def _select(pool, space: SearchSpace, evaluate: _Evaluator, select_x: torch.Tensor, dense_select, fitness,
-            callback) -> Tuple[Tuple[str, np.ndarray, float], Dict[str, Any]]:
-    """Re-score the pool on the selection images; ``c = 1`` unless something beats it there."""
+            callback, confidence: float = 0.0, seed: int = 0) -> Tuple[Tuple[str, np.ndarray, float], Dict[str, Any]]:
+    """Re-score the pool on the selection images; ``c = 1`` unless something beats it there
+    (with ``confidence`` > 0: by a paired-bootstrap interval over the images above 0)."""
     c1 = pool[0]
     if dense_select is None:  # no held-out images: best search fitness, c = 1 unless beaten
         best = max(pool, key=lambda e: e[2])
@@ -432,25 +472,49 @@ def _select(pool, space: SearchSpace, evaluate: _Evaluator, select_x: torch.Tens
                   "summary": f"{chosen[0]} chosen on search fitness {chosen[2]:.4f} (no selection images)"}
         return chosen, record
     factors = np.stack([space.factors(z) for _, z, _ in pool])
-    sel = evaluate(factors, select_x, lambda e: fitness(e, dense=dense_select))
+    images = evaluate.per_pair(factors, select_x, lambda e: fitness.per_image(e, dense=dense_select),
+                               per_image=True).mean(1).double().numpy()  # [candidates, images]
+    sel = images.mean(1)
     _notify(callback, "selection", -1, factors, sel)
-    i = int(np.argmax(sel))
+    i = best = int(np.argmax(sel))
+    interval = None
     if sel[i] <= sel[0]:
         i = 0
+    elif confidence > 0:
+        interval = paired_interval(images[i] - images[0], confidence, seed)
+        if interval[0] <= 0:
+            i = 0
     chosen = pool[i]
     record = {
         "c1": {"search": float(c1[2]), "selection": float(sel[0])},
         "winner": {"name": chosen[0], "search": float(chosen[2]), "selection": float(sel[i])},
         "pool": [{"name": n, "search": float(f), "selection": float(s)} for (n, _, f), s in zip(pool, sel)],
         "chosen": "c=1" if i == 0 else "search",
+        "best": {"name": pool[best][0], "selection": float(sel[best]),
+                 "gain_interval": None if interval is None else [float(v) for v in interval],
+                 "confidence": float(confidence)},
     }
     record["summary"] = (
+        f"{pool[best][0]} beat c = 1 on the selection images by {sel[best] - sel[0]:+.4f}, but its "
+        f"{100 * confidence:g} % interval [{interval[0]:+.4f}, {interval[1]:+.4f}] reaches 0; returning the "
+        "no-search ranking"
+        if i == 0 and interval is not None else
         f"nothing beat c = 1 on the selection images (c = 1: {sel[0]:.4f}); returning the no-search ranking"
         if i == 0 else
         f"{chosen[0]} wins on the selection images: {sel[i]:.4f} vs {sel[0]:.4f} for c = 1 "
         f"(search fitness {chosen[2]:.4f} vs {c1[2]:.4f})"
     )
     return chosen, record
+
+
+def paired_interval(gain: np.ndarray, confidence: float, seed: int = 0, resamples: int = 2000,
+                    ) -> Tuple[float, float]:
+    """Two-sided ``confidence`` percentile-bootstrap interval of the mean per-image ``gain`` (seeded)."""
+    rng = np.random.default_rng(seed)
+    means = gain[rng.integers(0, len(gain), size=(resamples, len(gain)))].mean(axis=1)
+    tail = 50 * (1 - confidence)
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def _auto_pca(cfg: SearchConfig, evaluate: _Evaluator, images: torch.Tensor, dense: torch.Tensor,

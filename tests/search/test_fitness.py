@@ -138,3 +138,62 @@ def test_holdout_split_and_heldout_scoring():
     torch.testing.assert_close(held_score, expected_sims.mean())
     with pytest.raises(DataError, match="holdout_fraction"):
         holdout_split(10, 1.0)
+
+
+# ----------------------------------------------------------------------------- neighbourhood fitness
+def _cloud(n=30, d=8, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_neighbourhood_fitness_is_one_for_the_dense_embeddings_and_ignores_rotation_and_scale():
+    from elastic_fx.search.fitness import NeighbourhoodFitness
+
+    dense = _cloud()
+    fit = NeighbourhoodFitness(dense)
+    q = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[0]
+    assert float(fit(dense)) == pytest.approx(1.0)
+    assert float(fit(3.0 * dense @ q)) == pytest.approx(1.0)  # k-NN cannot see a rotation or a rescaling
+    per = fit.per_image(torch.stack([dense, dense + 0.2 * _cloud(seed=2), _cloud(seed=3)]))
+    assert per.shape == (3, 30) and ((per >= 0) & (per <= 1 + 1e-9)).all()
+    small, large = fit(dense + 0.2 * _cloud(seed=2)), fit(dense + 1.0 * _cloud(seed=2))
+    assert 1.0 > float(small) > float(large) > float(fit(_cloud(seed=3))) - 0.05
+
+
+def test_neighbourhood_fitness_scores_held_out_images_against_their_own_dense_neighbours():
+    from elastic_fx.search.fitness import NeighbourhoodFitness
+
+    fit = NeighbourhoodFitness(_cloud(n=20))
+    other = _cloud(n=12, seed=5)
+    assert float(fit(other, dense=other)) == pytest.approx(1.0)
+    assert float(fit(other + 0.5 * _cloud(n=12, seed=6), dense=other)) < 0.9
+
+
+def test_neighbourhood_fitness_only_sees_which_images_are_close():
+    """Moving one image far from its neighbours costs that image (and its neighbours), not the rest."""
+    from elastic_fx.search.fitness import NeighbourhoodFitness
+
+    dense = _cloud(n=24, d=6)
+    fit = NeighbourhoodFitness(dense, temperature=0.05)
+    moved = dense.clone()
+    moved[0] = -moved[0]
+    per = fit.per_image(moved)
+    assert float(per[0]) < 0.5 and float(per[1:].min()) > float(per[0])
+
+
+@pytest.mark.parametrize("dense, kw, err, match", [
+    (torch.zeros(2, 4), {}, "DataError", "at least 3"),
+    (torch.full((5, 4), float("nan")), {}, "NumericalError", "NaN"),
+    (torch.randn(5, 4), {"temperature": 0.0}, "DataError", "temperature"),
+    (torch.randn(5), {}, "DataError", "shape"),
+])
+def test_neighbourhood_fitness_bad_input(dense, kw, err, match):
+    import elastic_fx.errors as errors
+    from elastic_fx.search.fitness import NeighbourhoodFitness
+
+    with pytest.raises(getattr(errors, err), match=match):
+        NeighbourhoodFitness(dense, **kw)
+    if err == "DataError" and kw:
+        return
+    fit = NeighbourhoodFitness(torch.randn(5, 4))
+    with pytest.raises(errors.DataError, match="expected"):
+        fit(torch.randn(6, 4))

@@ -132,12 +132,62 @@ def test_no_search_ranking_is_always_a_candidate_and_wins_when_nothing_beats_it(
     assert [e["name"] for e in pool[:2]] == ["c=1", "final mean"]
     assert np.allclose(seen[-1]["fitness"], [e["selection"] for e in pool])
     winner = max(range(len(pool)), key=lambda i: pool[i]["selection"])
-    if pool[winner]["selection"] > pool[0]["selection"]:
+    best = out.selection["best"]
+    assert best["name"] == pool[winner]["name"] and best["confidence"] == 0.95
+    sure = best["gain_interval"] is not None and best["gain_interval"][0] > 0
+    if pool[winner]["selection"] > pool[0]["selection"] and sure:
         assert out.selection["chosen"] == "search" and out.selection["winner"]["name"] == pool[winner]["name"]
     else:
-        assert out.selection["chosen"] == "c=1"
+        assert out.selection["chosen"] == "c=1" and np.array_equal(out.c, np.ones(out.layout.dim))
     # the score file keeps the record
     assert out.config["pca_dim"] is None or out.config["pca_dim"] >= 1
+
+
+class _FixedEvaluator:
+    """Stands in for the search's evaluator: fixed per-image selection fitness per candidate."""
+
+    def __init__(self, per_image):
+        self.per_image = torch.as_tensor(np.stack(per_image), dtype=torch.float32)
+
+    def per_pair(self, factors, images, score, per_image=False):
+        assert per_image and len(factors) == len(self.per_image)
+        return self.per_image[:, None, :]  # one sparsity
+
+
+def _choose(per_image, confidence):
+    from elastic_fx.search.search import _select
+
+    space = SearchSpace(LAYOUT, "log", "global")
+    pool = [("c=1", space.origin(), 0.5), ("final mean", np.full(LAYOUT.dim, 0.1), 0.6),
+            ("top-1", np.linspace(-0.2, 0.2, LAYOUT.dim), 0.7)]
+    return _select(pool, space, _FixedEvaluator(per_image), torch.zeros(len(per_image[0]), 3, 8, 8),
+                   torch.zeros(1), None, None, confidence, seed=0)
+
+
+def test_a_gain_within_the_noise_of_the_selection_images_keeps_the_no_search_ranking():
+    rng = np.random.default_rng(0)
+    c1 = rng.uniform(0.5, 0.9, 64)
+    noisy = c1 + rng.normal(0.002, 0.05, 64)  # higher on average, but by far less than its spread
+    sure = c1 + 0.01 + rng.normal(0, 0.002, 64)  # higher on (almost) every image
+    assert noisy.mean() > c1.mean()
+    chosen, record = _choose([c1, c1 - 0.01, noisy], 0.95)
+    assert chosen[0] == "c=1" and record["chosen"] == "c=1"
+    lo, hi = record["best"]["gain_interval"]
+    assert record["best"]["name"] == "top-1" and lo <= 0 < hi and "reaches 0" in record["summary"]
+    chosen, record = _choose([c1, c1 - 0.01, noisy], 0.0)  # any gain wins without the test
+    assert chosen[0] == "top-1" and record["chosen"] == "search" and record["best"]["gain_interval"] is None
+    chosen, record = _choose([c1, noisy - 0.5, sure], 0.95)
+    assert chosen[0] == "top-1" and record["best"]["gain_interval"][0] > 0 and "wins on the selection" in record["summary"]
+
+
+def test_paired_interval_brackets_the_mean_gain():
+    from elastic_fx.search.search import paired_interval
+
+    gain = np.random.default_rng(1).normal(0.3, 1.0, 400)
+    lo, hi = paired_interval(gain, 0.95, seed=0)
+    assert lo < gain.mean() < hi and hi - lo == pytest.approx(2 * 1.96 * gain.std() / 20, rel=0.15)
+    assert paired_interval(gain, 0.95, seed=0) == (lo, hi)  # seeded
+    assert paired_interval(gain, 0.5, seed=0)[0] > lo
 
 
 def test_selection_images_replace_the_split(setup):
@@ -162,6 +212,9 @@ def test_the_score_file_keeps_the_selection_and_the_ranking(setup, tmp_path):
     ({"space": "polar"}, ConfigError, "space"),
     ({"selection_fraction": 1.0}, ConfigError, "selection_fraction"),
     ({"pca_dim": 0}, ConfigError, "pca_dim"),
+    ({"fitness": "cosine"}, ConfigError, "fitness='cosine' is not one of"),
+    ({"temperature": 0.0}, ConfigError, "temperature"),
+    ({"selection_confidence": 1.0}, ConfigError, "selection_confidence"),
     ({"num_fitness_images": 6}, DataError, "at least 8 fitness images"),
     ({"selection_fraction": 0.95}, DataError, "search"),
 ])
