@@ -20,6 +20,7 @@ import numbers
 
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .errors import SliceError
@@ -44,6 +45,18 @@ def _index(i, block: int, kind: str) -> int:
     return int(value)
 
 
+def _indices(values, block: int, kind: str) -> List[int]:
+    """A keep list as ints. Lists of plain ints and integer tensors/arrays (what the budget
+    and the search produce: thousands of neurons per block, dozens of keeps per generation)
+    take a vectorised path; anything else is checked index by index by :func:`_index`."""
+    if isinstance(values, (list, tuple)) and set(map(type, values)) <= {int}:
+        return list(values)
+    if isinstance(values, torch.Tensor) and values.dim() == 1 and not values.is_floating_point() \
+            and not values.is_complex() and values.dtype != torch.bool:
+        return values.detach().cpu().tolist()
+    return [_index(i, block, kind) for i in values]
+
+
 def normalize_keep(smap: StructureMap, keep: Optional[KeepMask]) -> KeepMask:
     """Validate a keep-mask and return it complete: every block, sorted kept indices.
 
@@ -51,8 +64,13 @@ def normalize_keep(smap: StructureMap, keep: Optional[KeepMask]) -> KeepMask:
     duplicates, removing every head or every neuron of a group, and removing neurons of
     an FFN that discovery marked not prunable.
     """
+    return {bi: {k: v.tolist() for k, v in entry.items()} for bi, entry in _normalize(smap, keep).items()}
+
+
+def _normalize(smap: StructureMap, keep: Optional[KeepMask]) -> Dict[int, Dict[str, np.ndarray]]:
+    """:func:`normalize_keep` with the kept indices as sorted int64 arrays."""
     keep = dict(keep or {})
-    out: KeepMask = {}
+    out: Dict[int, Dict[str, np.ndarray]] = {}
     known = {b.index for b in smap.blocks}
     for bi in keep:
         if bi not in known:
@@ -62,32 +80,33 @@ def normalize_keep(smap: StructureMap, keep: Optional[KeepMask]) -> KeepMask:
         unknown = set(want) - {"heads", "neurons"}
         if unknown:
             raise SliceError(f"block {b.index}: unknown keys {sorted(unknown)} in keep; use 'heads' and 'neurons'")
-        entry: Dict[str, List[int]] = {}
+        entry: Dict[str, np.ndarray] = {}
         for kind, group, size in (
             ("heads", b.attention, b.attention.num_heads if b.attention else 0),
             ("neurons", b.mlp, b.mlp.hidden_features if b.mlp else 0),
         ):
             if kind not in want:
                 if group is not None:
-                    entry[kind] = list(range(size))
+                    entry[kind] = np.arange(size, dtype=np.int64)
                 continue
             if group is None:
                 raise SliceError(f"block {b.index} has no {'attention' if kind == 'heads' else 'FFN'}, but keep names {kind}")
-            idx = [_index(i, b.index, kind) for i in want[kind]]
+            idx = _indices(want[kind], b.index, kind)
             if kind == "neurons" and not group.prunable and len(idx) != size:
                 raise SliceError(f"block {b.index}: the FFN is not prunable ({group.reason}); keep all its neurons")
-            bad = [i for i in idx if not 0 <= i < size]
+            arr = np.asarray(idx, dtype=np.int64)
+            bad = arr[(arr < 0) | (arr >= size)].tolist()
             if bad:
                 raise SliceError(f"block {b.index}: {kind} indices {bad} out of range [0, {size})")
-            if len(set(idx)) != len(idx):
-                dup = sorted({i for i in idx if idx.count(i) > 1})
-                raise SliceError(f"block {b.index}: duplicate {kind} indices {dup}")
+            uniq, counts = np.unique(arr, return_counts=True)  # sorted
+            if len(uniq) != len(arr):
+                raise SliceError(f"block {b.index}: duplicate {kind} indices {uniq[counts > 1].tolist()}")
             if not idx:
                 raise SliceError(
                     f"block {b.index}: keep removes every {kind[:-1]}; elastic_fx keeps at least one per block "
                     "(efx.budget_masks enforces this with its per-block floors)"
                 )
-            entry[kind] = sorted(idx)
+            entry[kind] = uniq
         out[b.index] = entry
     return out
 
@@ -107,14 +126,14 @@ def keep_tensors(
             f"one per pair; got {type(keeps).__name__}"
         )
     P = len(keeps)
-    heads = {b.index: torch.zeros((P, b.attention.num_heads), dtype=torch.bool) for b in smap.blocks if b.attention}
+    heads = {b.index: np.zeros((P, b.attention.num_heads), dtype=bool) for b in smap.blocks if b.attention}
     neurons = {
-        b.index: torch.zeros((P, b.mlp.hidden_features), dtype=torch.bool)
+        b.index: np.zeros((P, b.mlp.hidden_features), dtype=bool)
         for b in smap.blocks if b.mlp is not None and b.mlp.prunable
     }
     for p, keep in enumerate(keeps):
         try:
-            full = normalize_keep(smap, keep)
+            full = _normalize(smap, keep)
         except SliceError as e:
             raise SliceError(f"keep {p}: {e}") from e
         for bi, entry in full.items():
@@ -122,7 +141,8 @@ def keep_tensors(
                 heads[bi][p, entry["heads"]] = True
             if bi in neurons:
                 neurons[bi][p, entry["neurons"]] = True
-    return heads, neurons
+    return ({bi: torch.from_numpy(m) for bi, m in heads.items()},
+            {bi: torch.from_numpy(m) for bi, m in neurons.items()})
 
 
 #: The name the search and the benchmarks use (``passes.mask.keeps_to_masks`` before).

@@ -135,11 +135,16 @@ def time_cpu(fn: Callable[[], None], reps: int = 30) -> float:
     return 1e3 * min(samples)
 
 
-def copy_bandwidth_gbps(device: str) -> float:
-    n = 512 * 2**20
+def timer(device: str) -> Callable[[Callable[[], None]], float]:
+    """Milliseconds per call: do_bench on CUDA, best of a few perf_counter runs elsewhere."""
+    return time_cuda if torch.device(device).type == "cuda" else (lambda fn: time_cpu(fn, reps=3))
+
+
+def copy_bandwidth_gbps(device: str, mib: int = 512) -> float:
+    n = mib * 2**20
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = time_cuda(lambda: dst.copy_(src))
+    ms = timer(device)(lambda: dst.copy_(src))
     return 2 * n / (ms * 1e-3) / 1e9
 
 
@@ -175,10 +180,12 @@ def fresh(jobs: List[SqgradJob]) -> List[SqgradJob]:
 
 
 # ----------------------------------------------------------------------------- runs
-def time_graph(fn: Callable[[], None]) -> float:
+def time_graph(fn: Callable[[], None], device: str = DEVICE) -> float:
     """Median GPU milliseconds with the host taken out (CUDA-graph replay); NaN if not capturable."""
     import triton.testing
 
+    if torch.device(device).type != "cuda":
+        return float("nan")
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     except Exception as e:  # pragma: no cover - depends on the driver
@@ -187,12 +194,17 @@ def time_graph(fn: Callable[[], None]) -> float:
 
 
 def measure(v: VitShape, dtype: torch.dtype, fisher: bool, only: Optional[str], comp: Optional[Callable],
-            copy_bw: float) -> dict:
-    """Check, then time one workload with every implementation; one table row."""
-    jobs = make_jobs(v, dtype, DEVICE, fisher, only)
+            copy_bw: float, device: str = DEVICE, backend: str = "triton") -> dict:
+    """Check, then time one workload with every implementation; one table row.
+
+    ``device``/``backend`` other than CUDA/Triton only rehearse the steps on a CPU (the
+    figures then time the PyTorch reference, not the kernel).
+    """
+    time_cuda = timer(device)  # noqa: F811  (shadows the module function: CPU timing off CUDA)
+    jobs = make_jobs(v, dtype, device, fisher, only)
     # correctness first: one fresh run of each implementation must agree
     a, b, c = fresh(jobs), fresh(jobs), fresh(jobs)
-    sqgrad_accumulate_many(a, backend="triton")
+    sqgrad_accumulate_many(a, backend=backend)
     eager(*eager_args(b))
     check_same(a, b)
     if comp is not None:
@@ -202,13 +214,15 @@ def measure(v: VitShape, dtype: torch.dtype, fisher: bool, only: Optional[str], 
     args = eager_args(jobs)
     nan = float("nan")
     t = {
-        "triton": time_cuda(lambda: sqgrad_accumulate_many(jobs, backend="triton")),
-        "triton_gpu": time_graph(lambda: sqgrad_accumulate_many(jobs, backend="triton")),
+        "triton": time_cuda(lambda: sqgrad_accumulate_many(jobs, backend=backend)),
+        "triton_gpu": time_graph(lambda: sqgrad_accumulate_many(jobs, backend=backend), device),
         "eager": time_cuda(lambda: eager(*args)),
-        "eager_gpu": time_graph(lambda: eager(*args)),
+        "eager_gpu": time_graph(lambda: eager(*args), device),
         "compile": time_cuda(lambda: comp(*args)) if comp else nan,
-        "compile_gpu": time_graph(lambda: comp(*args)) if comp else nan,
+        "compile_gpu": time_graph(lambda: comp(*args), device) if comp else nan,
     }
+    if t["triton_gpu"] != t["triton_gpu"]:  # no CUDA graph (or not CUDA): the wall figure stands in
+        t["triton_gpu"], t["eager_gpu"] = t["triton"], t["eager"]
     nbytes = moved_bytes(jobs)
     gbps = nbytes / (t["triton_gpu"] * 1e-3) / 1e9
     gbps_wall = nbytes / (t["triton"] * 1e-3) / 1e9
@@ -231,7 +245,8 @@ def run_cuda(args: argparse.Namespace) -> dict:
             for fisher in ((False, True) if args.fisher == "both" else (args.fisher == "yes",)):
                 workloads = [None] + (list(tensors) if v is VIT_B16 or args.all_tensors else [])
                 for only in workloads:
-                    row = measure(v, dtypes[dname], fisher, only, comp, copy_bw)
+                    # torch.compile recompiles for every new set of shapes: whole-model rows only
+                    row = measure(v, dtypes[dname], fisher, only, comp if only is None else None, copy_bw)
                     rows.append(row)
                     if only is None:
                         headline.append({k: row[k] for k in ("model", "dtype", "fisher", "gbps", "pct_copy",

@@ -52,6 +52,7 @@ def _autotune_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in (  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+            (64, 16, 4, 2),  # fp32 only (see _prune_configs)
             (64, 32, 4, 2),
             (64, 64, 4, 2),
             (64, 64, 4, 3),
@@ -64,11 +65,18 @@ def _autotune_configs() -> list[triton.Config]:
     ]
 
 
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the fp32 tiles. fp32 dots run as three
+#: tf32 tensor-core dots (``tf32x3``); at head dim 64 these tiles do not spill on sm_90
+#: (64x32) and sm_80 (64x16), where the exact FMA dots spilled 1.7 KB per thread at best
+#: (benchmarks/results/kernels_compile.md).
+FP32_TILES = {(64, 16, 4, 2), (64, 32, 4, 2)}
+
+
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles far larger than the problem, or too large for shared memory.
 
-    fp32 inputs use exact (non-tensor-core) dots: big fp32 tiles overflow shared memory
-    and compile slowly, so fp32 keeps the two smallest tiles.
+    fp32 keeps only :data:`FP32_TILES` (bigger fp32 tiles spill registers); 16-bit dtypes
+    drop the fp32-only 64x16 tile, which wastes their tensor cores.
     """
     n_q, n_kv, block_d = named_args["N"], named_args["N_KV"], kwargs["BLOCK_D"]
     fp32 = named_args["q_ptr"].dtype == torch.float32
@@ -77,7 +85,11 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         if bm > max(64, triton.next_power_of_2(n_q)) or bn > max(32, triton.next_power_of_2(n_kv)):
             continue
-        if (block_d > 128 or fp32) and (bm > 64 or bn > 64 or cfg.num_stages > 2):
+        if fp32 and (bm, bn, cfg.num_warps, cfg.num_stages) not in FP32_TILES:
+            continue
+        if not fp32 and bn < 32:
+            continue
+        if block_d > 128 and (bm > 64 or bn > 64 or cfg.num_stages > 2):
             continue
         kept.append(cfg)
     return kept or configs[:1]
@@ -149,7 +161,7 @@ def _masked_attention_kernel(
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= max(HEAD_DIM, 16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32 rounding), else "tf32" (unused for 16-bit)
+    DOT_PRECISION: tl.constexpr,  # "tf32x3" for fp32 inputs (fp32-accurate on tensor cores), else "tf32" (unused for 16-bit)
     DOT_IN_FP32: tl.constexpr,  # interpreter only: upcast bf16 dot operands (see _dot_in_fp32)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -271,6 +283,13 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
     return _INTERPRETED and dtype == torch.bfloat16
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32: ``tf32x3`` (each operand split into two tf32 halves, three tensor-core dots:
+    fp32-level accuracy without the register-hungry FMA dots of ``ieee``); 16-bit dtypes
+    ignore it. The interpreter multiplies in fp32 whatever it is told."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
 def _int32_addressable(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or a contiguous copy if one (c, b, h) slice spans over 2**31 elements.
 
@@ -303,12 +322,20 @@ def masked_attention_ref(
     Returns:
         ``[C, B, H, N, d]`` contiguous, in q's dtype.
 
-    Only the kept (c, h) pairs are gathered and attended (in fp32, with
-    ``scaled_dot_product_attention``), so the cost falls with the masked fraction.
+    On the CPU only the kept (c, h) pairs are gathered and attended (in fp32, with
+    ``scaled_dot_product_attention``), so the cost falls with the masked fraction. With a
+    ``head_keep`` on an accelerator the kept pairs are not known to the host without a
+    sync (a ``.cpu()`` waits for every queued kernel), so there every pair is attended and
+    the masked ones zeroed: the same numbers, no host sync, all the FLOPs (the Triton
+    kernel is the path that saves them on CUDA).
     """
     _validate(q, k, v, head_keep, scale)
     C, B, H, N, d = q.shape
-    keep = head_keep.detach().cpu()
+    if head_keep.device.type != "cpu":
+        dense = [t.reshape(C * B, H, t.shape[3], d).float() for t in (q, k, v)]
+        full = F.scaled_dot_product_attention(*dense, scale=_default_scale(d, scale)).view(C, B, H, N, d)
+        return full.masked_fill(~head_keep.view(C, 1, H, 1, 1).to(full.device), 0).to(q.dtype)
+    keep = head_keep.detach()
     pairs = keep.nonzero().tolist()  # [[c, h], ...] kept, in row-major order
     out = torch.empty((C, B, H, N, d), dtype=q.dtype, device=q.device)
     if not pairs or out.numel() == 0:
@@ -398,7 +425,7 @@ def masked_attention(
         qk_scale,
         HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=_dot_precision(q.dtype),
         DOT_IN_FP32=_dot_in_fp32(q.dtype),
     )
     return out

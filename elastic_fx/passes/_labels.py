@@ -39,9 +39,13 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..errors import DiscoveryError
 from ._mha import MHA_TYPES
 
 log = logging.getLogger(__name__)
+
+#: Where provenance labels live, whatever device the analysed model runs on.
+LABEL_DEVICE = "cpu"
 
 # ----------------------------------------------------------------------------- op classes
 INDEX_OPS = {
@@ -252,6 +256,8 @@ class LabelInterpreter(fx.Interpreter):
         self.shapes[n] = tree_map(lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None, value)
         try:
             chans = self._labels_for(n, value)
+        except LabelDataError:
+            raise
         except Exception:  # an op we cannot replay on labels simply ends the trail
             log.debug("label propagation stops at %s", n.format_node(), exc_info=True)
             chans = []
@@ -268,11 +274,11 @@ class LabelInterpreter(fx.Interpreter):
         if n in self.linears:
             li = self.linears[n]
             base = self._new_source("linear", n, li.out_features)
-            return [(base + torch.arange(li.out_features)).expand(value.shape).contiguous()]
+            return [(base + torch.arange(li.out_features, device=LABEL_DEVICE)).expand(value.shape).contiguous()]
         if n in self.cores and isinstance(value, torch.Tensor) and value.dim() >= 4:
             h, d = value.shape[-3], value.shape[-1]
             base = self._new_source("core", n, h * d)
-            lab = (base + torch.arange(h * d)).view(h, 1, d)
+            lab = (base + torch.arange(h * d, device=LABEL_DEVICE)).view(h, 1, d)
             return [lab.expand(value.shape).contiguous()]
         if n.op == "get_attr":
             if (
@@ -282,7 +288,7 @@ class LabelInterpreter(fx.Interpreter):
                 and value.numel() > 0
             ):
                 base = self._new_source("param", n.target, value.numel())
-                return [(base + torch.arange(value.numel())).view(value.shape)]
+                return [(base + torch.arange(value.numel(), device=LABEL_DEVICE)).view(value.shape)]
             return []
         if n.op not in ("call_function", "call_method", "call_module"):
             return []
@@ -388,7 +394,7 @@ class LabelInterpreter(fx.Interpreter):
                 chans = self.labels.get(a)
                 if chans is not None and ci < len(chans):
                     return chans[ci]
-                return _filler(real)
+                return _filler(real, n)
 
             args = tree_map(sub, n.args)
             kwargs = tree_map(sub, n.kwargs)
@@ -405,12 +411,30 @@ class LabelInterpreter(fx.Interpreter):
         return out
 
 
-def _filler(real: Any) -> Any:
-    """Unlabelled floating data becomes -1 labels; indices, masks and non-tensors stay real."""
+class LabelDataError(DiscoveryError):
+    """An index the labels must follow has no data here (a model on the 'meta' device)."""
+
+
+def _filler(real: Any, node: fx.Node) -> Any:
+    """Unlabelled floating data becomes -1 labels; indices, masks and non-tensors stay real.
+
+    Labels live on the CPU (they are decoded with numpy) whatever device the model runs
+    on, so the real indices and masks an index op takes (a relative-position index, a
+    gather index) are brought to the CPU: on a GPU model they would otherwise meet the
+    CPU labels in one op, fail, and silently end the label trail there.
+    """
     if isinstance(real, torch.Tensor) and real.is_floating_point():
-        return torch.full(real.shape, -1, dtype=torch.long)
+        return torch.full(real.shape, -1, dtype=torch.long, device=LABEL_DEVICE)
+    if isinstance(real, torch.Tensor) and real.device.type != LABEL_DEVICE:
+        if real.device.type == "meta":
+            raise LabelDataError(
+                f"'{node.name}' ({node.format_node()}) indexes with a tensor on the 'meta' device, which holds no "
+                "values; the structure analysis must read them. Load the model's weights and buffers (on the CPU "
+                "or a GPU) and trace it again."
+            )
+        return real.to(LABEL_DEVICE)
     if isinstance(real, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in real):
-        return type(real)(_filler(r) for r in real)
+        return type(real)(_filler(r, node) for r in real)
     return real
 
 

@@ -7,6 +7,8 @@ by :class:`~elastic_fx.passes.mask.MaskedModel`) and refuses to run without them
 
 * :class:`_MaskSlot`: multiplies an out-projection's input by the pair's head or neuron
   mask, expanded over the columns each structure owns. Alone already exact.
+* :class:`_GatheredLinear`: a group's in- or out-projection computed per pair on the
+  kept rows or columns only (the FLOP saving of the projections).
 * :class:`_MaskedAttention`: replaces one attention core by masked attention on
   ``[P, B, H, N, d]`` views (:func:`_attend`).
 * :class:`_MaskedMHA`: ``nn.MultiheadAttention`` (or a sliced one) computed step by step
@@ -23,7 +25,7 @@ shares the wrapped module's).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,219 @@ class _MaskSlot(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, block={self.block}, size={self.size}, columns={self.owner.numel()}"
+
+
+class _GatheredLinear(nn.Module):
+    """One linear layer of a group, computed per pair on the kept structures only.
+
+    ``mode="rows"`` (an in-projection: q/k/v, fc1, gate): pair ``p`` computes only the
+    output features owned by its kept structures (and those no structure owns) with the
+    gathered rows of the weight and bias. ``mode="cols"`` (an out-projection): pair ``p``
+    multiplies only the input columns of its kept structures by the gathered weight
+    columns. A removed structure thus costs no FLOPs in the projections; what it leaves
+    behind reaches nothing but its own out-projection columns (discovery's grouping
+    guarantees it), which ``cols`` drops: the same numbers as the physically sliced model.
+
+    Layout of the features between the two (``packed``):
+
+    * ``False``: in place. ``rows`` writes the kept features at their own positions and
+      zeros elsewhere, ``cols`` gathers them back. Needed where positions matter in between
+      (q/k/v reshaped into heads). Features owned in runs (a head's ``head_dim``
+      consecutive rows) are moved run by run.
+    * ``True``: front-packed, for a plain FFN (only elementwise ops between fc1 and fc2):
+      ``rows`` writes pair ``p``'s ``k_p`` kept features to the first ``k_p`` positions
+      (the tail is zero), ``cols`` reads that prefix as a view. No scatter, no gather.
+
+    Per pair, one GEMM of ``B * tokens`` rows: large enough on a GPU, without padding pairs
+    to a common width. The kept positions are computed on the host from the host copy of the
+    masks (no device sync) and moved to the device in one copy per forward.
+
+    ``forward(x[, bias])``: ``x`` carries ``P * B`` samples on ``batch_axis`` (pair-major);
+    ``bias`` is given when the graph computes it (e.g. BEiT's ``cat(q_bias, 0, v_bias)``).
+    """
+
+    def __init__(self, kind: str, block: int, mode: str, owner: torch.Tensor, size: int, batch_axis: int,
+                 weight: nn.Parameter, bias: Optional[torch.Tensor], bias_is_input: bool, packed: bool = False) -> None:
+        super().__init__()
+        self.kind, self.block, self.mode, self.size, self.batch_axis = kind, block, mode, size, batch_axis
+        self.packed = packed
+        self.weight = weight  # shared with the model (the same Parameter object)
+        if bias is None or isinstance(bias, nn.Parameter):
+            self.bias = bias
+        else:
+            self.register_buffer("bias", bias, persistent=False)
+        self.bias_is_input = bias_is_input
+        # -1 (owned by no structure) -> index `size` of the mask padded with one True column; kept
+        # on the host, where the kept positions are computed (not a buffer: .to(device) leaves it)
+        self.owner_host = torch.where(owner < 0, size, owner).long().cpu()
+        self.run = _run_length(self.owner_host) if not packed else 1
+        # per pair: (kept positions, kept runs) on the device, or None when the pair keeps everything
+        self.index: Optional[list] = None
+
+    def positions(self, host: torch.Tensor) -> Tuple[List[bool], List[torch.Tensor]]:
+        """From the host masks ``[P, S]``: which pairs keep everything, and for the others their
+        kept positions then their kept runs (host int64 tensors; :meth:`bind` takes them moved)."""
+        full, pos = _kept_positions(host, self.owner_host)
+        return full, pos + [p[:: self.run] // self.run for p in pos]
+
+    def bind(self, full: List[bool], tensors: List[torch.Tensor]) -> None:
+        n = len(tensors) // 2
+        it = iter(zip(tensors[:n], tensors[n:]))
+        self.index = [None if f else next(it) for f in full]
+
+    def clear(self) -> None:
+        self.index = None
+
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.index is None:
+            raise RuntimeError("MaskedModel: a gathered linear ran without a mask; call MaskedModel.forward")
+        w = self.weight
+        b = bias if self.bias_is_input else self.bias
+        ax = self.batch_axis % x.dim()
+        xs = x.unflatten(ax, (len(self.index), -1))
+        r = self.run
+        if self.mode == "rows":
+            out = None
+            for p, idx in enumerate(self.index):
+                xp = xs.select(ax, p)
+                if idx is None:
+                    y = F.linear(xp, w, b)
+                else:
+                    pos, runs = idx
+                    y = F.linear(xp, w.index_select(0, pos), None if b is None else b.index_select(0, pos))
+                if out is None:
+                    out = y.new_empty(xs.shape[:-1] + (w.shape[0],))
+                op = out.select(ax, p)
+                if idx is None:
+                    op.copy_(y)
+                elif self.packed:  # kept features first, zeros after
+                    op[..., : y.shape[-1]].copy_(y)
+                    op[..., y.shape[-1]:].zero_()
+                else:  # in place, run by run
+                    op.zero_()
+                    op.unflatten(-1, (-1, r)).index_copy_(-2, runs, y.unflatten(-1, (-1, r)))
+        else:
+            ys = []
+            for p, idx in enumerate(self.index):
+                xp = xs.select(ax, p)
+                if idx is None:
+                    ys.append(F.linear(xp, w, b))
+                    continue
+                pos, runs = idx
+                if self.packed:
+                    xk = xp[..., : pos.numel()]
+                else:
+                    xk = xp.unflatten(-1, (-1, r)).index_select(-2, runs).flatten(-2)
+                ys.append(F.linear(xk, w.index_select(1, pos), b))
+            out = torch.stack(ys, ax)
+        return out.flatten(ax, ax + 1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, block={self.block}, mode={self.mode}, packed={self.packed}, run={self.run}, "
+                f"weight={tuple(self.weight.shape)}, batch_axis={self.batch_axis}")
+
+
+class _GatheredFFN(nn.Module):
+    """A whole FFN (in-projections -> elementwise ops -> out-projection), per pair on its kept neurons.
+
+    Pair ``p`` computes ``k_p`` hidden features: its in-projections with the kept weight rows,
+    the FFN's own elementwise ops (``segment``: the graph nodes between the projections,
+    activations and gating, replayed unchanged), and its out-projection with the same kept
+    weight columns. No hidden feature of a removed neuron is computed, stored or read; each
+    pair's GEMMs have ``B * tokens`` rows. Exact: a plain FFN's neuron ``j`` owns row ``j``
+    of every in-projection and column ``j`` of the out-projection, so the kept rows and
+    columns line up (the pass checks the owner maps agree) as they do in the sliced model.
+
+    ``forward(*inputs)``: the in-projections' inputs (one per distinct node), each with the
+    ``P * B`` samples on ``batch_axis``; returns the out-projection's output.
+    """
+
+    def __init__(self, block: int, owner: torch.Tensor, size: int, batch_axis: int, in_weights: list,
+                 in_biases: list, in_inputs: list, out_weight: nn.Parameter, out_bias: Optional[torch.Tensor],
+                 segment: nn.Module) -> None:
+        super().__init__()
+        self.block, self.size, self.batch_axis = block, size, batch_axis
+        self.in_weights = nn.ParameterList(in_weights)  # shared with the model
+        for i, b in enumerate(in_biases):  # Parameters (shared) or None
+            if b is not None:
+                self.register_parameter(f"in_bias_{i}", b)
+        self.in_inputs = list(in_inputs)  # which forward input each in-projection reads
+        self.out_weight = out_weight
+        self.out_bias = out_bias
+        self.segment = segment
+        self.owner_host = torch.where(owner < 0, size, owner).long().cpu()
+        self.index: Optional[list] = None  # per pair: kept hidden positions on the device, or None (all)
+
+    def positions(self, host: torch.Tensor) -> Tuple[List[bool], List[torch.Tensor]]:
+        """From the host masks ``[P, S]``: which pairs keep everything, the others' kept neurons."""
+        return _kept_positions(host, self.owner_host)
+
+    def bind(self, full: List[bool], tensors: List[torch.Tensor]) -> None:
+        it = iter(tensors)
+        self.index = [None if f else next(it) for f in full]
+
+    def clear(self) -> None:
+        self.index = None
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            raise RuntimeError("MaskedModel: a gathered FFN ran without a mask; call MaskedModel.forward")
+        ax = self.batch_axis
+        xs = [x.unflatten(ax % x.dim(), (len(self.index), -1)) for x in inputs]
+        ys = []
+        for p, pos in enumerate(self.index):
+            hidden = []
+            for j, (w, i) in enumerate(zip(self.in_weights, self.in_inputs)):
+                b = getattr(self, f"in_bias_{j}", None)
+                xp = xs[i].select(ax % xs[i].dim(), p)
+                if pos is None:
+                    hidden.append(F.linear(xp, w, b))
+                else:
+                    hidden.append(F.linear(xp, w.index_select(0, pos), None if b is None else b.index_select(0, pos)))
+            h = self.segment(*hidden)
+            w2 = self.out_weight if pos is None else self.out_weight.index_select(1, pos)
+            ys.append(F.linear(h, w2, self.out_bias))
+        out = torch.stack(ys, ax % (ys[0].dim() + 1))
+        return out.flatten(ax % out.dim(), ax % out.dim() + 1)
+
+    def extra_repr(self) -> str:
+        return f"block={self.block}, neurons={self.size}, in_projections={len(self.in_weights)}"
+
+
+def _kept_positions(host: torch.Tensor, owner: torch.Tensor) -> Tuple[List[bool], List[torch.Tensor]]:
+    """Per pair of the host masks ``[P, S]``: keeps everything? and, for the others, the sorted
+    positions whose owner (``S``: owned by none) is kept."""
+    padded = torch.cat([host, host.new_ones((host.shape[0], 1))], dim=1)
+    kept = padded[:, owner]  # [P, width]
+    full = kept.all(1).tolist()
+    return full, [k.nonzero().squeeze(1) for k, f in zip(kept, full) if not f]
+
+
+def bind_positions(mods: List[nn.Module], hosts: List[torch.Tensor], device: torch.device) -> None:
+    """Give every gathered module its pairs' kept positions on ``device``, moved in ONE copy.
+
+    ``hosts[i]``: the host masks of ``mods[i]``'s block (a mask already on a device is read
+    back once: a sync, avoided when the masks come from the host, as they do in the search).
+    """
+    plans = [m.positions(h if h.device.type == "cpu" else h.cpu()) for m, h in zip(mods, hosts)]
+    tensors = [t for _, ts in plans for t in ts]
+    if tensors and device.type != "cpu":
+        flat = torch.cat(tensors)
+        flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+        tensors = list(flat.split([t.numel() for t in tensors]))
+    it = iter(tensors)
+    for m, (full, ts) in zip(mods, plans):
+        m.bind(full, [next(it) for _ in ts])
+
+
+def _run_length(owner: torch.Tensor) -> int:
+    """The longest ``r`` dividing the width such that every aligned run of ``r`` positions has one owner."""
+    n = owner.numel()
+    for r in sorted({d for d in range(1, n + 1) if n % d == 0}, reverse=True):
+        blocks = owner.view(-1, r)
+        if bool((blocks == blocks[:, :1]).all()):
+            return r
+    return 1
 
 
 class _MaskedAttention(nn.Module):

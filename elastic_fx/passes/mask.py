@@ -7,12 +7,21 @@ so that it takes per-pair keep-masks:
 
 * the image batch ``[B, 3, H, W]`` is repeated once per pair, pair-major, so every
   tensor in the graph carries ``P * B`` samples (index ``p * B + b``);
-* **out-projection masking** (always, and alone already exact): the input of every
-  attention out-projection is multiplied by the pair's head mask expanded over the
-  head's columns, and the input of every prunable FFN out-projection (the hidden
-  activations) by the pair's neuron mask. A removed structure then contributes exactly
-  nothing, which is what the physically sliced model computes (slicing removes exactly
-  those columns);
+* **kept work only** (``gather=True``, the default): per pair, every in-projection of a
+  group (q/k/v, fc1, gate) computes only the rows its kept heads or neurons own, and the
+  out-projection reads only their columns, with gathered weights: one GEMM of
+  ``B * tokens`` rows per pair (:class:`~._masked_modules._GatheredLinear`). A plain FFN
+  (only elementwise ops between its projections) runs whole per pair on its kept neurons
+  (:class:`~._masked_modules._GatheredFFN`), so no hidden feature of a removed neuron is
+  computed or stored. The kept positions come from the host copy of the masks and reach
+  the device in one copy per forward (no sync). Executed FLOPs equal those of the sliced
+  models (``benchmarks/bench_search.py`` counts them);
+* **out-projection masking** (where a projection cannot be gathered, and with
+  ``gather=False``; alone already exact): the input of an attention out-projection is
+  multiplied by the pair's head mask expanded over the head's columns, and the input of
+  a prunable FFN out-projection (the hidden activations) by the pair's neuron mask. A
+  removed structure then contributes exactly nothing, which is what the physically
+  sliced model computes (slicing removes exactly those columns);
 * **masked attention cores** (``use_kernel=True``, the FLOP saving): every
   ``scaled_dot_product_attention`` call and every simple explicit
   ``softmax(q @ kᵀ * s) @ v`` chain (found by :mod:`._attention`, as discovery finds
@@ -37,10 +46,8 @@ leaves ``gm`` where it is, and later edits of ``gm`` are not seen. ``gm`` is not
 modified. What the pass rewrote is listed in ``MaskedModel.rewrites`` and in
 ``graph_module.meta[MASK_META]``.
 
-FFN neurons are not gathered (computing only the kept neurons per pair with gathered
-weights and a batched matmul was not faster than dense + mask once pairs keep different
-fractions, as in the search; see ``benchmarks/results/search.md``): the hidden
-activations are masked instead.
+Masks that arrive on the device instead of the host cost one sync per forward (the kept
+positions must be known to the host to size the GEMMs); :func:`masks_to` moves host masks.
 """
 
 from __future__ import annotations
@@ -58,13 +65,13 @@ from ..errors import DataError, SliceError
 from ..structures import AttentionGroup, MlpGroup, StructureMap
 from ..tracing import example_inputs_of
 from ._attention import CoreCall, find_cores, find_mha_nodes, plain_attention
-from ._labels import find_linears, op_name
-from ._masked_modules import _MaskedAttention, _MaskedMHA, _MaskSlot
+from ._labels import ACTIVATIONS, MUL_LIKE, UNARY_POINTWISE, LinearInfo, _fetch_attr, find_linears, op_name
+from ._masked_modules import _GatheredFFN, _GatheredLinear, _MaskedAttention, _MaskedMHA, _MaskSlot, bind_positions
 from .embedding import embedding_module
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MaskedModel", "build_masked"]
+__all__ = ["MaskedModel", "build_masked", "masks_to"]
 
 #: ``GraphModule.meta`` key of the masked graph: what the pass rewrote (list of strings).
 MASK_META = "elastic_fx.mask"
@@ -78,6 +85,8 @@ class _Rewrite:
     """Everything the pass decided, before it touches the graph."""
 
     slots: List[Tuple[str, int, object, List[fx.Node]]] = field(default_factory=list)  # kind, block, group, linears
+    gathers: List[Tuple[str, int, object, LinearInfo, str, torch.Tensor, bool]] = field(default_factory=list)
+    ffns: List[Tuple[int, object, List[LinearInfo], LinearInfo, torch.Tensor]] = field(default_factory=list)
     cores: Dict[int, CoreCall] = field(default_factory=dict)
     mhas: Dict[int, fx.Node] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
@@ -140,7 +149,9 @@ class MaskedModel(nn.Module):
     ``forward(images [B, 3, H, W], head_masks {block: bool [P, H_b]},
     neuron_masks {block: bool [P, F_b]}) -> [P, B, D]``: row ``p`` equals the
     embedding of the physically sliced model that keeps what pair ``p``'s masks keep.
-    Blocks missing from a dict are kept whole. See the module docstring for how.
+    Blocks missing from a dict are kept whole. See the module docstring for how;
+    ``use_kernel`` replaces attention cores by masked attention, ``gather`` computes the
+    projections per pair on the kept heads and neurons only.
 
     Attributes:
         smap: the StructureMap the masks refer to.
@@ -148,7 +159,7 @@ class MaskedModel(nn.Module):
         rewrites: one line per change the pass made (also in ``graph_module.meta[MASK_META]``).
     """
 
-    def __init__(self, gm: fx.GraphModule, smap: StructureMap, *, use_kernel: bool = True) -> None:
+    def __init__(self, gm: fx.GraphModule, smap: StructureMap, *, use_kernel: bool = True, gather: bool = True) -> None:
         super().__init__()
         if not isinstance(gm, fx.GraphModule):
             raise SliceError(f"MaskedModel takes the GraphModule returned by efx.trace(), got {type(gm).__name__}")
@@ -156,6 +167,7 @@ class MaskedModel(nn.Module):
             raise SliceError(f"MaskedModel takes the StructureMap from efx.discover(gm), got {type(smap).__name__}")
         self.smap = smap
         self.use_kernel = bool(use_kernel)
+        self.gather = bool(gather)
         self.head_sizes: Dict[int, int] = {b.index: b.attention.num_heads for b in smap.blocks if b.attention}
         self.neuron_sizes: Dict[int, int] = {
             b.index: b.mlp.hidden_features for b in smap.blocks if b.mlp is not None and b.mlp.prunable
@@ -196,19 +208,25 @@ class MaskedModel(nn.Module):
                     f"block {bi}: the {kind} mask must be a bool tensor [pairs={P}, {kind}s={size}], got {got}; "
                     "build them with elastic_fx.keep.keep_tensors(smap, keeps)"
                 )
-            out[bi] = m.to(device)
+            out[bi] = m
         return out
 
     def _set(self, head_masks: Mapping, neuron_masks: Mapping, device) -> int:
         head_masks, neuron_masks = head_masks or {}, neuron_masks or {}
         P = self._pairs(head_masks, neuron_masks)
-        for sinks, masks in (
-            (self._head_sinks, self._check("head", head_masks, self.head_sizes, P, device)),
-            (self._neuron_sinks, self._check("neuron", neuron_masks, self.neuron_sizes, P, device)),
-        ):
+        host_heads = self._check("head", head_masks, self.head_sizes, P, device)
+        host_neurons = self._check("neuron", neuron_masks, self.neuron_sizes, P, device)
+        heads, neurons = masks_to(device, host_heads, host_neurons)
+        gathered, hosts = [], []
+        for sinks, masks, host in ((self._head_sinks, heads, host_heads), (self._neuron_sinks, neurons, host_neurons)):
             for bi, mods in sinks.items():
                 for mod in mods:
-                    mod.set_mask(masks[bi])
+                    if isinstance(mod, (_GatheredLinear, _GatheredFFN)):
+                        gathered.append(mod)
+                        hosts.append(host[bi])  # kept positions from the host copy: no sync
+                    else:
+                        mod.set_mask(masks[bi])
+        bind_positions(gathered, hosts, torch.device(device))
         return P
 
     def _clear(self) -> None:
@@ -272,9 +290,13 @@ def _rewrite(model: MaskedModel) -> None:
     out_value = next(n for n in graph.nodes if n.op == "output").args[0]
     if axes(out_value) != 0:
         raise SliceError(f"the embedding carries the batch on axis {axes(out_value)}; expected axis 0")
-    plan = _plan(gm, smap, axes, model.use_kernel)
+    plan = _plan(gm, smap, axes, model.use_kernel, model.gather)
     for kind, bi, group, linears in plan.slots:
         _insert_slot(model, kind, bi, group, linears, axes)
+    for i, (kind, bi, group, li, mode, owner, packed) in enumerate(plan.gathers):
+        _replace_linear(model, i, kind, bi, group, li, mode, owner, axes(li.input), packed)
+    for bi, group, ins, out, owner in plan.ffns:
+        _replace_ffn(model, bi, group, ins, out, owner, axes(out.input))
     for bi, core in plan.cores.items():
         _replace_core(model, bi, core, axes(core.q))
     for bi, node in plan.mhas.items():
@@ -313,6 +335,71 @@ def _insert_slot(model: MaskedModel, kind: str, bi: int, group, linears: List[fx
     model.rewrites.append(f"block {bi}: {kind} mask on the input of {group.out_proj}")
 
 
+def _replace_linear(model: MaskedModel, i: int, kind: str, bi: int, group, li: LinearInfo, mode: str,
+                    owner: torch.Tensor, batch_axis: int, packed: bool) -> None:
+    """Replace one linear call by a :class:`_GatheredLinear` sharing its parameters."""
+    gm, graph = model.graph_module, model.graph_module.graph
+    weight = _fetch_attr(gm, li.weight)
+    bias = _fetch_attr(gm, li.bias) if li.bias is not None else None
+    mod = _GatheredLinear(kind, bi, mode, owner, group.size, batch_axis, weight, bias, li.bias_node is not None,
+                          packed=packed)
+    name = f"efx_gather_{kind}_{bi}_{i}"
+    gm.add_submodule(name, mod)
+    args = (li.input,) + ((li.bias_node,) if li.bias_node is not None else ())
+    with graph.inserting_before(li.node):
+        new = graph.call_module(name, args)
+    li.node.replace_all_uses_with(new)
+    graph.erase_node(li.node)
+    sinks = model._head_sinks if kind == "heads" else model._neuron_sinks
+    sinks.setdefault(bi, []).append(mod)
+    model.rewrites.append(f"block {bi}: {li.module} computed per pair on the kept {kind} only "
+                          f"({mode}{', front-packed' if packed else ''})")
+
+
+def _replace_ffn(model: MaskedModel, bi: int, group, ins: List[LinearInfo], out: LinearInfo, owner: torch.Tensor,
+                 batch_axis: int) -> None:
+    """Replace in-projections -> elementwise ops -> out-projection by one :class:`_GatheredFFN`."""
+    gm, graph = model.graph_module, model.graph_module.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    # the elementwise segment: every node between the in-projections and the out-projection's input
+    starts = {li.node for li in ins}
+    seg_nodes, frontier = set(), list(starts)
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u is not out.node and u not in seg_nodes:
+                seg_nodes.add(u)
+                frontier.append(u)
+    seg = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {li.node: seg.placeholder(f"hidden_{i}") for i, li in enumerate(ins)}
+    for n in sorted(seg_nodes, key=order.__getitem__):
+        env[n] = seg.node_copy(n, lambda a: env[a])
+    seg.output(env[out.input])
+    segment = fx.GraphModule(gm, seg)
+    inputs: List[fx.Node] = []
+    for li in ins:
+        if li.input not in inputs:
+            inputs.append(li.input)
+    mod = _GatheredFFN(bi, owner, group.size, batch_axis,
+                       [_fetch_attr(gm, li.weight) for li in ins],
+                       [_fetch_attr(gm, li.bias) if li.bias is not None else None for li in ins],
+                       [inputs.index(li.input) for li in ins],
+                       _fetch_attr(gm, out.weight), _fetch_attr(gm, out.bias) if out.bias is not None else None,
+                       segment)
+    name = f"efx_ffn_{bi}"
+    gm.add_submodule(name, mod)
+    with graph.inserting_before(out.node):
+        new = graph.call_module(name, tuple(inputs))
+    out.node.replace_all_uses_with(new)
+    graph.erase_node(out.node)
+    for n in sorted(seg_nodes | starts, key=order.__getitem__, reverse=True):  # dropout is never dead code to fx
+        if not n.users:
+            graph.erase_node(n)
+    model._neuron_sinks.setdefault(bi, []).append(mod)
+    model.rewrites.append(f"block {bi}: FFN {', '.join(li.module for li in ins)} -> {out.module} computed per pair "
+                          "on the kept neurons only")
+
+
 def _replace_core(model: MaskedModel, bi: int, core: CoreCall, batch_axis: int) -> None:
     gm, graph = model.graph_module, model.graph_module.graph
     mod = _MaskedAttention(bi, batch_axis, core.scale, core.is_causal, core.k_transposed)
@@ -330,13 +417,111 @@ def _replace_core(model: MaskedModel, bi: int, core: CoreCall, batch_axis: int) 
     model.rewrites.append(f"block {bi}: attention core '{core.node.name}' -> masked attention")
 
 
-def _plan(gm: fx.GraphModule, smap: StructureMap, axes: _BatchAxes, use_kernel: bool) -> _Rewrite:
+def _gatherable(gm: fx.GraphModule, li: LinearInfo, group, dim: int, axes: _BatchAxes) -> Optional[torch.Tensor]:
+    """The owner map of ``li``'s weight along ``dim`` (0: output rows, 1: input columns), or
+    None when the linear cannot be computed per pair (no such slice, a weight that is not a
+    plain tensor attribute, a bias computed per sample, the batch on the feature axis)."""
+    sl = next((s for s in group.slices if s.name == li.weight and s.dim == dim), None)
+    if sl is None:
+        return None
+    try:
+        weight = _fetch_attr(gm, li.weight)
+    except AttributeError:
+        return None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or tuple(weight.shape) != tuple(sl.shape):
+        return None
+    if li.bias_node is not None and li.bias_node in data_nodes_of(gm):
+        return None
+    x = li.input
+    if not isinstance(x, fx.Node) or axes.rank(x) < 2 or axes(x) == axes.rank(x) - 1:
+        return None
+    return sl.owner_map()
+
+
+def data_nodes_of(gm: fx.GraphModule) -> set:
+    from ._labels import data_nodes
+
+    cached = gm.meta.get("_efx_data_nodes")
+    if cached is None:
+        cached = gm.meta["_efx_data_nodes"] = data_nodes(gm)
+    return cached
+
+
+_ELEMENTWISE = UNARY_POINTWISE | ACTIVATIONS | {"identity", "activation"}
+
+
+def _packable(gm: fx.GraphModule, ins: List[LinearInfo], outs: List[LinearInfo], owners: List[torch.Tensor]) -> bool:
+    """Whether the features between ``ins`` and ``outs`` may be front-packed per pair.
+
+    True when every in-projection's output reaches only the out-projections, through
+    elementwise ops (activations, dropout, casts, a scalar scale) and products of two such
+    values (gating), and all in-projections order their features by the same owners: then
+    no op in between depends on where a feature sits.
+    """
+    if not ins or not outs or any(not torch.equal(o, owners[0]) for o in owners[1:]):
+        return False
+    ends = {li.node for li in outs}
+    path = {li.node for li in ins}
+    frontier = list(path)
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u in ends:
+                if u.args[0] is not n:
+                    return False  # feeds an out-projection as its weight or bias
+                continue
+            if u in path:
+                continue
+            name = op_name(gm, u)
+            tensors = [a for a in u.all_input_nodes]
+            if name in _ELEMENTWISE and u.args and u.args[0] is n and tensors == [n]:
+                pass
+            elif name in MUL_LIKE and all(a in path for a in tensors):
+                pass
+            else:
+                return False
+            path.add(u)
+            frontier.append(u)
+    return all(li.input in path for li in outs)
+
+
+def _plan_gathers(gm: fx.GraphModule, plan: _Rewrite, kind: str, bi: int, group, infos: Dict[str, List[LinearInfo]],
+                  axes: _BatchAxes) -> bool:
+    """Plan the per-pair gathered projections of one group; True when its out-projection is
+    gathered on every call (then it needs no mask slot)."""
+    ins = []
+    for name in group.in_projs:
+        for li in infos.get(name, []):
+            owner = _gatherable(gm, li, group, 0, axes)
+            if owner is not None:
+                ins.append((li, owner))
+    outs = infos.get(group.out_proj, [])
+    owners = [_gatherable(gm, li, group, 1, axes) for li in outs]
+    if not outs or any(o is None for o in owners):
+        plan.gathers += [(kind, bi, group, li, "rows", o, False) for li, o in ins]
+        return False
+    every_in = len(ins) == sum(len(infos.get(name, [])) for name in group.in_projs)
+    packed = kind == "neurons" and every_in and _packable(gm, [li for li, _ in ins], outs,
+                                                          [o for _, o in ins] + owners)
+    in_lis = [li for li, _ in ins]
+    if (packed and len(outs) == 1 and all(li.bias_node is None for li in in_lis + outs)
+            and len({axes(li.input) for li in in_lis + outs}) == 1):
+        plan.ffns.append((bi, group, in_lis, outs[0], owners[0]))  # the whole FFN per pair
+        return True
+    plan.gathers += [(kind, bi, group, li, "rows", o, packed) for li, o in ins]
+    plan.gathers += [(kind, bi, group, li, "cols", o, packed) for li, o in zip(outs, owners)]
+    return True
+
+
+def _plan(gm: fx.GraphModule, smap: StructureMap, axes: _BatchAxes, use_kernel: bool, gather: bool = True) -> _Rewrite:
     """Decide every change before touching the graph (so a refusal leaves nothing half done)."""
     plan = _Rewrite()
     cores = {c.node.name: c for c in find_cores(gm)}
     by_module: Dict[str, List[fx.Node]] = {}
+    infos: Dict[str, List[LinearInfo]] = {}
     for n, li in find_linears(gm).items():
         by_module.setdefault(li.module, []).append(n)
+        infos.setdefault(li.module, []).append(li)
     for b in smap.blocks:
         a: Optional[AttentionGroup] = b.attention
         if a is not None and a.kind == "mha":
@@ -350,7 +535,8 @@ def _plan(gm: fx.GraphModule, smap: StructureMap, axes: _BatchAxes, use_kernel: 
             if not lins:
                 plan.notes.append(_off_path(b.index, "attention", a.out_proj))
             else:
-                plan.slots.append(("heads", b.index, a, lins))
+                if not (gather and _plan_gathers(gm, plan, "heads", b.index, a, infos, axes)):
+                    plan.slots.append(("heads", b.index, a, lins))
                 if use_kernel:
                     _plan_core(gm, plan, b.index, a.core, cores, axes)
         m: Optional[MlpGroup] = b.mlp
@@ -359,7 +545,8 @@ def _plan(gm: fx.GraphModule, smap: StructureMap, axes: _BatchAxes, use_kernel: 
             if not lins:
                 plan.notes.append(_off_path(b.index, "FFN", m.out_proj))
             else:
-                plan.slots.append(("neurons", b.index, m, lins))
+                if not (gather and _plan_gathers(gm, plan, "neurons", b.index, m, infos, axes)):
+                    plan.slots.append(("neurons", b.index, m, lins))
     return plan
 
 
@@ -400,6 +587,31 @@ def _mha_node(gm: fx.GraphModule, bi: int, a: AttentionGroup) -> Optional[fx.Nod
                 "compute them"
             )
     return node
+
+
+# ============================================================================ mask transfer
+def masks_to(device: torch.device | str, *dicts: Mapping[int, torch.Tensor]) -> Tuple[Dict[int, torch.Tensor], ...]:
+    """The bool masks of ``dicts`` on ``device``, moved with ONE copy, not one per block.
+
+    A blocking host-to-device copy waits for the GPU queue to drain, so one copy per
+    block per forward would stall the GPU once per block. Masks already on ``device`` stay
+    as they are; the others are packed into one flat tensor (pinned when going to CUDA),
+    copied with ``non_blocking=True`` and split into views on the device.
+    """
+    device = torch.device(device)
+    moving = [(di, k, m) for di, d in enumerate(dicts) for k, m in d.items() if m.device != device]
+    out = [dict(d) for d in dicts]
+    if not moving:
+        return tuple(out)
+    flat = torch.cat([m.reshape(-1) for _, _, m in moving])
+    if device.type == "cuda" and flat.device.type == "cpu":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    start = 0
+    for di, k, m in moving:
+        out[di][k] = flat[start : start + m.numel()].view(m.shape)
+        start += m.numel()
+    return tuple(out)
 
 
 # ============================================================================ public helpers

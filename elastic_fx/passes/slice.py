@@ -138,7 +138,7 @@ def _slice_parameters(gm: fx.GraphModule, owners, skip_prefixes: Tuple[str, ...]
         old = getattr(owner, attr)
         new = old.detach()
         for dim in sorted({s.dim for s, _ in entries}):
-            new = new.index_select(dim, _kept_positions(entries, dim, new.shape[dim]))
+            new = new.index_select(dim, _kept_positions(entries, dim, new.shape[dim]).to(new.device))
         new = new.contiguous().clone()
         if isinstance(old, nn.Parameter):
             setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..keep import keep_tensors
-from ..passes.mask import MaskedModel
+from ..passes.mask import MaskedModel, masks_to
 
 #: Rows (pairs x images) per masked forward by default.
 DEFAULT_ROWS_PER_FORWARD = 256
@@ -71,8 +71,7 @@ def masked_embeddings(
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(dev).eval()
     chunk = pair_chunk or max(1, DEFAULT_ROWS_PER_FORWARD // batch_size)
-    head_masks = {k: v.to(dev) for k, v in head_masks.items()}
-    neuron_masks = {k: v.to(dev) for k, v in neuron_masks.items()}
+    head_masks, neuron_masks = masks_to(dev, head_masks, neuron_masks)  # one copy, not one per block
     out: Optional[torch.Tensor] = None
     with torch.inference_mode(), _autocast(dev, amp_dtype):
         for i in range(0, N, batch_size):

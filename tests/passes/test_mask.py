@@ -152,12 +152,42 @@ def test_keep_all_equals_timm_pre_logits():
 
 @pytest.mark.parametrize("name", ["timm_vit", "hf_vit", "timm_beit", "hand_separate_qkv", "torchvision_vit"])
 def test_dense_attention_variant_is_exact_too(name):
-    """use_kernel=False: attention for every head, heads masked at the out-projection only."""
+    """use_kernel=False, gather=False: every head and neuron computed, masked at the out-projection only."""
     gm, smap, images = _traced(name)
     keeps = _random_keeps(smap, 2, seed=7)
-    got = masked_embeddings(build_masked(gm, smap, use_kernel=False), images, keeps)
+    got = masked_embeddings(build_masked(gm, smap, use_kernel=False, gather=False), images, keeps)
     for p, keep in enumerate(keeps):
         _assert_rel_close(got[p], _sliced_embedding(gm, smap, keep, images))
+
+
+def _flops(fn) -> int:
+    """FLOPs by torch.utils.flop_counter (matmuls, convolutions, and the CPU SDPA it has no formula for)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "hf_vit"])
+def test_masked_forward_executes_only_the_kept_flops(name):
+    """Executed FLOPs of one batched forward of P pairs <= 1.15x those of the P sliced models
+    (the projections per pair on the kept heads and neurons, attention on the kept heads)."""
+    gm, smap, images = _traced(name)
+    keeps = _random_keeps(smap, PAIRS, seed=5)
+    sliced = 0
+    for keep in keeps:
+        small = embedding_module(efx.slice(gm, smap, keep), smap)
+        sliced += _flops(lambda: small(images))
+    ratio = {}
+    for gather in (True, False):
+        model = build_masked(gm, smap, gather=gather)
+        ratio[gather] = _flops(lambda: masked_embeddings(model, images, keeps, batch_size=IMAGES,
+                                                         pair_chunk=PAIRS)) / sliced
+    assert 0.999 <= ratio[True] <= 1.15, ratio
+    assert ratio[False] > 1.2, ratio  # full-width projections: what the gathering saves
 
 
 # ----------------------------------------------------------------------------- what the pass rewrote
@@ -170,14 +200,15 @@ def test_every_attention_core_is_replaced(name):
     code = model.graph_module.code
     for b in smap.blocks:
         assert f"efx_attention_{b.index}" in code
-        assert f"efx_mask_heads_{b.index}" in code
-        if b.mlp is not None and b.mlp.prunable:
-            assert f"efx_mask_neurons_{b.index}" in code
+        # projections computed per pair on the kept heads / neurons; no mask slot needed then
+        assert f"efx_gather_heads_{b.index}_" in code and f"efx_mask_heads_{b.index}" not in code
+        if b.mlp is not None and b.mlp.prunable:  # a plain FFN whole, a packed SwiGLU projection by projection
+            assert f"efx_ffn_{b.index}" in code or f"efx_gather_neurons_{b.index}_" in code
     names = [n.name for n in model.graph_module.graph.nodes]
     assert not any("softmax" in n for n in names), "the replaced softmax chains must be gone"
     model.graph_module.graph.lint()
-    dense = build_masked(gm, smap, use_kernel=False).graph_module.code
-    assert "efx_attention_" not in dense and "efx_mask_heads_0" in dense
+    dense = build_masked(gm, smap, use_kernel=False, gather=False).graph_module.code
+    assert "efx_attention_" not in dense and "efx_mask_heads_0" in dense and "efx_gather_" not in dense
 
 
 def test_multihead_attention_is_decomposed():
@@ -208,12 +239,35 @@ def test_attention_kernel_receives_the_pair_head_masks(monkeypatch):
         assert torch.equal(keep, heads[b.index])
 
 
+def _kernel_device(interpreted: bool, has_cuda: bool):
+    """Where the Triton kernel can run in this process: CUDA natively, the CPU under the
+    interpreter (which then refuses CUDA tensors), else nowhere (None)."""
+    if interpreted:
+        return torch.device("cpu")
+    return torch.device("cuda") if has_cuda else None
+
+
+def test_kernel_device_never_sends_cpu_tensors_to_a_compiled_kernel(monkeypatch):
+    """On a GPU machine (no interpreter) the kernel test runs on CUDA tensors: forcing Triton
+    on CPU tensors there raises ValueError, which is how this test used to fail."""
+    from elastic_fx.kernels import _dispatch
+
+    assert _kernel_device(interpreted=False, has_cuda=True) == torch.device("cuda")
+    assert _kernel_device(interpreted=True, has_cuda=False) == torch.device("cpu")
+    assert _kernel_device(interpreted=False, has_cuda=False) is None
+    monkeypatch.setattr(_dispatch, "_INTERPRETED", False)
+    monkeypatch.setenv("ELASTIC_FX_FORCE_TRITON", "1")
+    with pytest.raises(ValueError, match="interpreter"):
+        _dispatch.use_triton(torch.device("cpu"), "auto", op="masked_attention")
+
+
 def test_triton_kernel_path_matches_slicing(monkeypatch):
-    """The Triton kernel (interpreted on the CPU) inside the masked forward of a very tiny ViT."""
+    """The Triton kernel (interpreted on the CPU, native on a GPU) inside the masked forward of a very tiny ViT."""
     from timm.models.vision_transformer import VisionTransformer
 
     kernel_mod = importlib.import_module("elastic_fx.kernels.masked_attention")  # the package re-exports the function
-    if not kernel_mod._INTERPRETED and not torch.cuda.is_available():
+    dev = _kernel_device(kernel_mod._INTERPRETED, torch.cuda.is_available())
+    if dev is None:
         pytest.skip("Triton needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU")
     torch.manual_seed(0)
     model = liven(VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
@@ -233,10 +287,13 @@ def test_triton_kernel_path_matches_slicing(monkeypatch):
         decisions.append(real_use_triton(device, backend))
         return decisions[-1]
 
-    monkeypatch.setenv("ELASTIC_FX_FORCE_TRITON", "1")
+    if dev.type == "cpu":
+        monkeypatch.setenv("ELASTIC_FX_FORCE_TRITON", "1")
     monkeypatch.setattr(kernel_mod, "masked_attention_ref", no_reference)
     monkeypatch.setattr(kernel_mod, "_use_triton", use_triton)
-    got = masked_embeddings(build_masked(gm, smap, use_kernel=True), images, keeps)
+    # fp32 everywhere (no bf16 autocast on CUDA): the comparison is with an fp32 sliced model
+    got = masked_embeddings(build_masked(gm, smap, use_kernel=True), images.to(dev), keeps, device=dev,
+                            amp_dtype=torch.float32).cpu()
     assert decisions == [True]  # one block, one forward: the kernel ran
     for p, keep in enumerate(keeps):
         _assert_rel_close(got[p], _sliced_embedding(gm, smap, keep, images))
