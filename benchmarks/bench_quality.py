@@ -17,9 +17,12 @@ Methods (side by side):
   FFN neurons, ranked globally by its Taylor / Hessian (OBD) importance of the
   cross-entropy loss WITH LABELS (its documented setting; a stronger signal than ours).
 
-Ablations (paper Table 2 / Fig. 9): xNES generations (0, 10, 50, 200; one trajectory,
-continued from its checkpoint, so the first generations are shared) and the number of
-search sparsities (1, 2, 4), evaluated at a few sparsities.
+Ablations: separate, smaller searches, each changing one setting of the default search (the
+fitness, the search space, the PCA size, the ranking, CKA initialisation, the initial
+spread), and other choice rules over the same evaluated pool (winner by search fitness, no
+c = 1 among the choices, any gain over c = 1 without the interval test). A proxy study
+scores candidates of the main search by several label-free fitnesses and by k-NN on
+validation images of the TRAIN split (Spearman correlation).
 
 Latency: the sliced models of a few methods are exported with ``efx.export_onnx`` and
 timed with onnxruntime on the CPU (accuracy vs measured latency plot).
@@ -32,14 +35,15 @@ Torch-Pruning's labelled loss) and fitness images are drawn, disjoint, from the 
 TRAIN split (used unlabelled by our methods), preprocessed with the model's mean/std.
 When the assets are absent the script says so and exits (``--smoke`` needs none).
 
-CPU sizing of the default run (the paper's value in brackets): 256 gradient images x
-(2 global + 10 local crops) [1000]; 32 fitness images, PCA to 31 dimensions [1000, 192];
-xNES population 8 [4 + floor(3 ln d) = 15 for this model's d = 42]; 50 generations and
-search sparsities 10/30/50/60 % [same]; k-NN reference set 2000 of the 4660 train images,
-all 932 test images [ImageNet train / val]; linear probe 100 epochs [same]. The cost is
-dominated by the search: generations x population x search sparsities x fitness images
-masked image passes (5 x 10^4 for 50 generations, 2 x 10^5 for the 200 of the ablation); ``--threads 1`` is
-faster when other jobs share the cores (no OpenMP barrier stalls).
+CPU sizing of the default run (the paper's value in brackets): 512 gradient images x
+(2 global + 10 local crops) [1000]; 256 fitness images, half of them held out for selection
+[1000]; xNES population 4 + floor(3 ln d) = 15 for this model's d = 42 [same]; 20
+generations [50]; search sparsities 30/50/60/70 %, the budgets the method is judged at
+[10/30/50/60 %]; k-NN reference set all 4660 train images, all 932 test images [ImageNet
+train / val]; linear probe 100 epochs [same]. The cost is dominated by the search:
+generations x population x search sparsities x fitness images masked image passes
+(1.5 x 10^5 for the main search); ``--threads 1`` is faster when other jobs share the cores
+(no OpenMP barrier stalls).
 
 Full protocol (ImageNet-1k, a pretrained ViT-B/16) for users who have them::
 
@@ -754,10 +758,10 @@ def _protocol_notes(setup: Setup, cfg: QualityConfig) -> List[str]:
              f"* **elastic_fx (xNES)**: `efx.prune(gm, images, iterations={cfg.generations}, "
              f"sparsities={list(cfg.search_sparsities)}, local=<the DINO local scores>)` with the default "
              f"SearchConfig: {cfg.fitness_images} fitness images, split (seeded) into a search half and a selection "
-             f"half; log-space factors c = exp(z) started at c = 1; PCA size `{cfg.pca_dim}`; global ranking; "
-             f"population {cfg.popsize or 'default (4 + floor(3 ln d))'}; the winner is chosen on the selection "
-             "half among c = 1, the final mean and the 8 best candidates by search fitness. One ranking for every "
-             "sparsity.",
+             f"half; log-space factors c = exp(z) started at c = 1; fitness: neighbourhood overlap (T = 0.07); global "
+             f"ranking; population {cfg.popsize or 'default (4 + floor(3 ln d))'}; the best on the selection half "
+             "among c = 1, the final mean and the 8 best candidates by search fitness replaces c = 1 only when its "
+             "per-image gain has a 95 % paired-bootstrap interval above 0. One ranking for every sparsity.",
              "* **fisher-only, heads and neurons ranked apart**: the same local scores, c = 1, `ranking=\"separate\"` "
              "(the reference code's split: head removal trails neuron removal by 0.15).",
              f"* **fisher-only**: the same DINO local scores (squared gradients of the DINO multi-crop loss, "
@@ -1101,7 +1105,7 @@ def run(cfg: QualityConfig, setup: Setup, work_dir: Path, out_dir: Path, mode: s
     main = rankings["elastic"] = _search(setup, cfg, dino, "main", cache, log, cfg.generations, cfg.popsize)
     dim, share = main.config.get("pca_dim"), main.config.get("pca_error_share")
     cache.put("selection/main", {**main.selection, "fitness_space": (
-        ("the full embedding space" if dim is None else f"PCA to {dim} dims")
+        (main.config.get("fitness_used") or ("the full embedding space" if dim is None else f"PCA to {dim} dims"))
         + ("" if share is None or share != share else f", holding {100 * share:.1f} % of the pruning error of c = 1")
         + f"; {main.config.get('search_images')} search / {main.config.get('selection_images')} selection images")})
     for m in ("elastic", "fisher", "fisher_sep", "magnitude", "lamp", "snip", "random"):
