@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 EXAMPLE_INPUTS_META = "elastic_fx.example_inputs"
 TRACER_META = "elastic_fx.tracer"
+MODEL_NAME_META = "elastic_fx.model_name"
 
 _LEAF_MODULES: Set[Type[nn.Module]] = set()
 _NO_TRACE_FUNCTIONS: Set[Callable] = set()
@@ -169,8 +170,16 @@ def trace(
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
 
-    with torch.no_grad():
-        expected = model(*example_inputs)
+    try:
+        with torch.no_grad():
+            expected = model(*example_inputs)
+    except Exception as e:  # the model itself fails: no tracer can help, say so before trying any
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+        raise TracingError(
+            f"{type(model).__name__} fails on the example inputs {shapes} before any tracing "
+            f"({type(e).__name__}: {_first_line(e)}); pass example_inputs the model accepts, e.g. "
+            "efx.trace(model, (torch.randn(2, 3, H, W),)) at its own input size"
+        ) from e
     _check_finite(model, example_inputs, expected)
     tracers = {"fx": _trace_fx, "export": _trace_export}
     order = ["fx", "export"] if method == "auto" else [method]
@@ -189,6 +198,7 @@ def trace(
             continue
         gm.meta[EXAMPLE_INPUTS_META] = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in example_inputs)
         gm.meta[TRACER_META] = name
+        gm.meta[MODEL_NAME_META] = type(model).__name__
         _carry_preprocess(model, gm)
         log.info("traced %s with %s (%d nodes)", type(model).__name__, name, len(gm.graph.nodes))
         return gm
@@ -230,6 +240,11 @@ def _carry_preprocess(model: nn.Module, gm: fx.GraphModule) -> None:
         gm.meta[PREPROCESS_META] = preprocess_config(model)
     except Exception:  # not every model carries a config; callers may pass one explicitly
         log.debug("no preprocessing config found for %s", type(model).__name__, exc_info=True)
+
+
+def model_name(gm: Any) -> str:
+    """The traced model's class name (a torch.export GraphModule's own class says nothing)."""
+    return getattr(gm, "meta", {}).get(MODEL_NAME_META) or type(gm).__name__
 
 
 def example_inputs_of(gm: fx.GraphModule) -> Tuple[Any, ...]:

@@ -26,11 +26,11 @@ from typing import Any, List, Optional, Tuple
 
 import torch.fx as fx
 
-from ._labels import ADD_LIKE, MUL_LIKE, SDPA_OPS, SOFTMAX_OPS, UNARY_POINTWISE, op_name
+from ._labels import ADD_LIKE, INDEX_OPS, MUL_LIKE, SDPA_OPS, SOFTMAX_OPS, UNARY_POINTWISE, data_nodes, op_name
 from ._mha import MHA_TYPES, SlicedMultiheadAttention, mha_forward, mha_head_rows
 
 __all__ = [
-    "AttentionCore", "CoreCall", "MHA_TYPES", "SlicedMultiheadAttention", "find_cores", "find_mha_nodes",
+    "AttentionCore", "CoreCall", "MHA_TYPES", "SlicedMultiheadAttention", "find_cores", "find_mha_nodes", "find_unresolved",
     "mha_forward", "mha_head_rows", "plain_attention",
 ]
 
@@ -136,6 +136,69 @@ def _explicit_core(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionCo
 def find_mha_nodes(gm: fx.GraphModule) -> List[fx.Node]:
     """``call_module`` nodes of ``nn.MultiheadAttention`` (or sliced) leaves, in graph order."""
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), MHA_TYPES)]
+
+
+# ----------------------------------------------------------------------------- attention we leave out
+_CONTRACTIONS = _MATMUL_OPS | {"einsum"}
+_PASS_THROUGH = _CHAIN_OPS | INDEX_OPS
+_WALK = 12  # nodes searched on either side of a softmax
+
+
+def find_unresolved(gm: fx.GraphModule, cores: List[AttentionCore]) -> List[Tuple[fx.Node, str]]:
+    """Softmaxes between two data contractions (``q kᵀ`` ... ``@ v``) that are no core, and why.
+
+    These are attention operations whose heads cannot be pruned one by one: most often the
+    attention weights are mixed across heads between the two contractions (talking-heads
+    attention projects the logits and the probabilities over heads, re-attention multiplies
+    them by a heads x heads matrix), or the contractions are written in a form the core
+    finder does not read (``einsum``). Returns ``(softmax node, reason)`` in graph order.
+    """
+    used = {c.softmax for c in cores if c.softmax is not None}
+    data = data_nodes(gm)
+    out = []
+    for n in gm.graph.nodes:
+        if op_name(gm, n) not in SOFTMAX_OPS or n in used or not n.all_input_nodes:
+            continue
+        mixing: List[fx.Node] = []
+        x, logits = n.all_input_nodes[0], None
+        for _ in range(_WALK):  # back to q kᵀ along the data path
+            if _is_contraction(gm, x, data):
+                logits = x
+                break
+            if op_name(gm, x) not in _PASS_THROUGH:
+                mixing.append(x)
+            ins = [a for a in x.all_input_nodes if a in data]
+            if not ins:
+                break
+            x = ins[0]
+        y, reduce = n, None
+        for _ in range(_WALK):  # forward to probabilities @ v
+            users = [u for u in y.users if not op_name(gm, u).startswith("_assert")]
+            if len(users) != 1:
+                break
+            y = users[0]
+            if _is_contraction(gm, y, data):
+                reduce = y
+                break
+            if op_name(gm, y) not in _PASS_THROUGH:
+                mixing.append(y)
+        if logits is None or reduce is None:
+            continue
+        if mixing:
+            where = ", ".join(f"{op_name(gm, m)} at '{m.name}'" for m in mixing[:3])
+            reason = (f"the attention weights at softmax '{n.name}' are mixed across heads ({where}), as in "
+                      "talking-heads attention or re-attention: its heads are not independent and are not pruned")
+        else:
+            reason = (f"the attention at softmax '{n.name}' is computed with {op_name(gm, logits)} and "
+                      f"{op_name(gm, reduce)} in a form whose heads cannot be read; its heads are not pruned")
+        out.append((n, reason))
+    return out
+
+
+def _is_contraction(gm: fx.GraphModule, n: fx.Node, data: set) -> bool:
+    if op_name(gm, n) not in _CONTRACTIONS:
+        return False
+    return sum(1 for a in n.all_input_nodes if a in data) >= 2
 
 
 # ----------------------------------------------------------------------------- plain attention

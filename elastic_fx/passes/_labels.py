@@ -66,6 +66,11 @@ ACTIVATIONS = {
 MUL_LIKE = {"mul", "mul_", "imul", "div", "div_", "truediv", "itruediv", "floordiv", "rmul", "rtruediv"}
 ADD_LIKE = {"add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "radd", "where", "addcmul", "lerp"}
 NORM_OPS = {"layer_norm", "rms_norm", "group_norm", "native_layer_norm", "normalize"}
+# resampling that keeps the channel axis (a per-head table interpolated to another window size)
+RESAMPLE_OPS = {
+    "interpolate", "upsample", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_nearest2d",
+    "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "upsample_linear1d", "upsample_nearest1d",
+}
 SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
 SDPA_OPS = {"scaled_dot_product_attention"}
 
@@ -258,7 +263,10 @@ class LabelInterpreter(fx.Interpreter):
         if chans:
             self.labels[n] = chans
         for key, fn in self.watch.fns.get(n, ()):
-            self.summaries[(n, key)] = fn(n, value, chans)
+            try:
+                self.summaries[(n, key)] = fn(n, value, chans)
+            except Exception:  # a summary that does not apply (empty or odd tensors): no summary
+                log.debug("no summary %s at %s", key, n.format_node(), exc_info=True)
         for dead in self.user_to_last_uses.get(n, ()):
             self.labels.pop(dead, None)
         return value
@@ -306,6 +314,13 @@ class LabelInterpreter(fx.Interpreter):
             return chans
         if name in MUL_LIKE or name in ADD_LIKE:
             return self._binary(n, name, value)
+        if name in RESAMPLE_OPS and isinstance(value, torch.Tensor) and value.dim() >= 3:
+            # each output element mixes one channel's inputs: its label is the nearest input's
+            first = n.all_input_nodes[0]
+            return [
+                torch.nn.functional.interpolate(c.double(), size=tuple(value.shape[2:]), mode="nearest").long()
+                for c in self.labels.get(first, []) if isinstance(c, torch.Tensor) and c.dim() == value.dim()
+            ]
         return []
 
     def _norm_width(self, n: fx.Node, value: torch.Tensor) -> int:

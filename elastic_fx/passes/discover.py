@@ -34,11 +34,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import DiscoveryError
+from ..errors import DiscoveryError, ElasticFxError
 from ..structures import STRUCTURE_META, AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap, structures_of
-from ..tracing import TRACER_META, example_inputs_of, trace
-from ._attention import AttentionCore, find_cores, find_mha_nodes, mha_head_rows
-from ._labels import LabelInterpreter, LinearInfo, Watch, _fetch_attr, find_linears, head_table, op_name
+from ..tracing import TRACER_META, example_inputs_of, model_name, trace
+from ._attention import AttentionCore, find_cores, find_mha_nodes, find_unresolved, mha_head_rows
+from ._labels import (
+    ADD_LIKE, MUL_LIKE, LabelInterpreter, LinearInfo, Watch, _fetch_attr, data_nodes, find_linears, head_table, op_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +97,83 @@ class _Analysis:
             watch.add(c.v, f"v:{c.node.name}", _sum_heads(-3, -1))
             for e in c.extras:
                 watch.add(e, f"extra:{c.node.name}", _sum_per_head)
+        # parameters (or tensors computed from them) multiplied into or added to the data:
+        # per-head q/k norm scales, per-head temperatures, per-head gates ...
+        self.data = data = data_nodes(gm)
+        self.scalings: List[fx.Node] = []
+        for n in gm.graph.nodes:
+            if op_name(gm, n) in MUL_LIKE | ADD_LIKE and any(a not in data for a in n.all_input_nodes) and any(
+                a in data for a in n.all_input_nodes
+            ):
+                watch.add(n, "pairs", self._sum_pairs)
+                self.scalings.append(n)
         self.interp = LabelInterpreter(gm, self.linears, {c.node for c in self.cores}, watch)
         with torch.no_grad():
             self.interp.run(*example_inputs_of(gm))
         self.sum = self.interp.summaries
         self.src_of = {(s.kind, s.key): i for i, s in enumerate(self.interp.sources)}
+
+    def _sum_pairs(self, node, value, chans):
+        """Unique (data id, parameter id) pairs an elementwise op combines, or None."""
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return None
+        labels = self.interp.labels
+        data = self.interp.data
+        d = [labels[a][0] for a in node.all_input_nodes if a in data and a in labels and isinstance(labels[a][0], torch.Tensor)]
+        c = [labels[a][0] for a in node.all_input_nodes if a not in data and a in labels and isinstance(labels[a][0], torch.Tensor)]
+        if not d or not c:
+            return None
+        try:
+            dl, cl = d[0].expand(value.shape), c[0].expand(value.shape)
+        except RuntimeError:
+            return None
+        if value.dim() >= 2:  # labels never depend on the batch position
+            dl, cl = dl[0], cl[0]
+        pairs = torch.stack([dl.reshape(-1), cl.reshape(-1)])
+        pairs = pairs[:, (pairs >= 0).all(0)]
+        return torch.unique(pairs, dim=1) if pairs.numel() else None
+
+    def per_structure_params(self, owners: Dict[int, torch.Tensor], n: int, what: str,
+                             skip: Sequence[str] = ()) -> Optional[List[ParamSlice]]:
+        """Parameters combined elementwise with the structures' features, sliced per structure.
+
+        ``owners`` maps a label source to the owning structure of each of its features. A
+        parameter element met by one structure only is that structure's; one met by all of
+        them is shared (broadcast, nothing to slice). Returns None (with a note) for a
+        parameter that is neither.
+        """
+        per_param: Dict[int, List[set]] = {}
+        for node in self.scalings:
+            pairs = self.sum.get((node, "pairs"))
+            if pairs is None:
+                continue
+            dsrc, dloc = self.decode(pairs[0])
+            psrc, ploc = self.decode(pairs[1])
+            head = torch.full(dsrc.shape, -1, dtype=torch.long)
+            for s, own in owners.items():
+                m = dsrc == s
+                head[m] = own[dloc[m]]
+            hit = (head >= 0) & (psrc >= 0)
+            for ps in psrc[hit].unique().tolist():
+                if self.source(ps).kind != "param" or self.source(ps).key in skip:
+                    continue
+                m = hit & (psrc == ps)
+                sets = per_param.setdefault(ps, [set() for _ in range(n)])
+                for h, e in zip(head[m].tolist(), ploc[m].tolist()):
+                    sets[h].add(e)
+        out = []
+        for ps, sets in per_param.items():
+            name = self.source(ps).key
+            if all(st == sets[0] for st in sets):
+                continue  # shared by every structure (a q-norm weight over head_dim, a scalar)
+            elems = [torch.tensor(sorted(st), dtype=torch.long) if st else None for st in sets]
+            sl = _slice_from_element_sets(name, self.param_shape(name), elems)
+            if sl is None:
+                self.notes.append(f"{what}: parameter '{name}' is combined with several structures but cannot "
+                                  "be split by structure; not pruned")
+                return None
+            out.append(sl)
+        return out
 
     # -- helpers
     def param_shape(self, name: str) -> Tuple[int, ...]:
@@ -165,6 +239,15 @@ class _Analysis:
         extras = self._extras(core, num_heads)
         if extras is None:
             return None
+        cs = self.src_of.get(("core", core.node))
+        head_owners = dict(owners)
+        if cs is not None:
+            head_owners[cs] = torch.arange(num_heads * head_dim) // head_dim
+        per_head = self.per_structure_params(head_owners, num_heads, f"attention at '{core.node.name}'",
+                                             skip=[sl.name for sl in slices + extras])
+        if per_head is None:
+            return None
+        extras = extras + per_head
         slices.extend(extras)
         group = AttentionGroup(
             num_heads=num_heads, head_dim=head_dim, out_proj=out_li.module, in_projs=tuple(in_projs),
@@ -256,11 +339,21 @@ class _Analysis:
                 if len(per_head) != num_heads:
                     continue  # broadcast over heads (a plain mask): nothing per head
                 sets: Dict[int, List[torch.Tensor]] = {}
+                rows: Dict[int, torch.Tensor] = {}  # a linear layer producing the table: its rows per head
                 for h, ids in enumerate(per_head):
                     src, loc = self.decode(ids)
                     for s in src.unique().tolist():
                         if s >= 0 and self.source(s).kind == "param":
                             sets.setdefault(s, [None] * num_heads)[h] = loc[src == s]
+                        elif s >= 0 and self.source(s).kind == "linear":
+                            own = rows.setdefault(s, torch.full((self.source(s).size,), -1, dtype=torch.long))
+                            own[loc[src == s]] = h
+                for s, own in rows.items():
+                    li = self.linears[self.source(s).key]
+                    got = self._row_slices(li, own, num_heads, f"attention at '{core.node.name}' (per-head table)")
+                    if got is None:
+                        return None
+                    out.extend(got)
                 for s, elems in sets.items():
                     name = self.source(s).key
                     sl = _slice_from_element_sets(name, self.param_shape(name), elems)
@@ -275,8 +368,8 @@ class _Analysis:
 
     # -- feed-forward
     def mlp(self, li: LinearInfo, attention_out: set) -> Optional[Tuple[MlpGroup, int]]:
-        if li.node in attention_out:
-            return None
+        if li.node in attention_out or li.node not in self.data:
+            return None  # an out-projection, or a linear on constants (a relative-position MLP over coordinates)
         chans = self.sum.get((li.input, f"in:{li.node.name}"), [])
         if not chans:
             return None
@@ -318,6 +411,10 @@ class _Analysis:
                 return None
             slices.extend(got)
             in_projs.append(src_li.module)
+        per_neuron = self.per_structure_params(owners, width, f"FFN into '{li.module}'", skip=[sl.name for sl in slices])
+        if per_neuron is None:
+            return None
+        slices.extend(per_neuron)  # a hidden bias added apart from its projection, a per-neuron scale ...
         slices.append(ParamSlice(li.weight, self.param_shape(li.weight), 1, torch.arange(width).unsqueeze(1)))
         shape = self.interp.shapes.get(li.node)
         batch = self._batch
@@ -453,14 +550,39 @@ def discover(gm: fx.GraphModule) -> StructureMap:
             f"discover() takes the GraphModule returned by efx.trace(model), got {type(gm).__name__}; "
             "call gm = efx.trace(model) first"
         )
+    try:
+        return _discover(gm)
+    except ElasticFxError:
+        raise
+    except Exception as e:  # an op or layout the analysis does not handle: say which model and what to try
+        raise DiscoveryError(
+            f"discovery failed on {model_name(gm)}: {type(e).__name__}: {_first_line(e)}. What to try: keep the "
+            "submodule that computes it opaque with efx.register_leaf_module(ThatModule) and trace again (its "
+            "structures are then not pruned); please report the model"
+        ) from e
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _discover(gm: fx.GraphModule) -> StructureMap:
     an = _Analysis(gm)
     groups: List[Tuple[int, str, object]] = []
     attention_out = set()
     for core in an.cores:
+        noted = len(an.notes)
         got = an.attention(core)
         if got is not None:
             groups.append((got[1], "attention", got[0]))
             attention_out.update(li.node for li in an.linears.values() if li.module == got[0].out_proj)
+        else:  # found but not prunable: the block still opens here and says why
+            why = an.notes[-1] if len(an.notes) > noted else f"attention at '{core.node.name}' could not be mapped"
+            groups.append((an.order[core.node], "left_out", why))
+    for softmax, why in find_unresolved(gm, an.cores):
+        an.notes.append(why)
+        groups.append((an.order[softmax], "left_out", why))
     for node in an.mhas:
         g, pos = an.mha(node)
         groups.append((pos, "attention", g))
@@ -468,24 +590,36 @@ def discover(gm: fx.GraphModule) -> StructureMap:
         got = an.mlp(li, attention_out)
         if got is not None:
             groups.append((got[1], "mlp", got[0]))
-    if not any(kind == "attention" for _, kind, _ in groups):
+    if not any(kind == "attention" for _, kind, _ in groups) and not (
+        any(kind == "left_out" for _, kind, _ in groups) and any(kind == "mlp" for _, kind, _ in groups)
+    ):
         raise DiscoveryError(
-            f"no attention heads or FFN neurons found in {type(gm).__name__} "
+            f"no attention heads or FFN neurons found in {model_name(gm)} "
             f"({len(an.linears)} linear layers, {len(an.cores) + len(an.mhas)} attention operations, "
             f"{len(groups)} feed-forward layer pairs). "
             "elastic_fx prunes Vision Transformers: blocks of multi-head attention and feed-forward layers. "
             "If this is a ViT whose attention sits inside an opaque module, trace it without registering "
             "that module as a leaf." + (f" Notes: {'; '.join(an.notes)}" if an.notes else "")
         )
-    buffers = {name for name, _ in gm.named_buffers()}
-    for _, _, g in groups:
-        if any(s.name in buffers for s in g.slices):
-            g.slices = tuple(ParamSlice(s.name, s.shape, s.dim, s.index, s.name in buffers) for s in g.slices)
+    # buffers and plain tensor attributes (torch.export's lifted constants) are sliced but not counted
+    parameters = {name for name, _ in gm.named_parameters()}
+    for _, kind, g in groups:
+        if kind == "left_out":
+            continue
+        if any(s.name not in parameters for s in g.slices):
+            g.slices = tuple(ParamSlice(s.name, s.shape, s.dim, s.index, s.name not in parameters) for s in g.slices)
             g.__post_init__()
     groups.sort(key=lambda g: g[0])
     blocks: List[Block] = []
     for _, kind, g in groups:
-        if kind == "attention" or not blocks or blocks[-1].mlp is not None:
+        if kind == "left_out":  # an attention we leave out opens its block like any other
+            blocks.append(Block(index=len(blocks), attention_reason=g))
+            log.info("block %d: attention not pruned: %s", blocks[-1].index, g)
+            continue
+        opened_empty = bool(blocks) and blocks[-1].attention is None and blocks[-1].mlp is None
+        if kind == "attention" and opened_empty:
+            pass  # a left-out attention right before this one: the same block
+        elif kind == "attention" or not blocks or blocks[-1].mlp is not None:
             blocks.append(Block(index=len(blocks)))
         setattr(blocks[-1], kind, g)
     smap = StructureMap(
@@ -493,7 +627,7 @@ def discover(gm: fx.GraphModule) -> StructureMap:
         total_params=sum(p.numel() for p in gm.parameters()),
         fixed_flops=_fixed_flops(an, blocks),
         embedding=_embedding_node(an, blocks),
-        source=type(gm).__name__,
+        source=model_name(gm),
         notes=an.notes,
     )
     gm.meta[STRUCTURE_META] = smap

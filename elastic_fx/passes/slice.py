@@ -40,10 +40,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import SliceError
+from ..errors import ElasticFxError, SliceError
 from ..keep import KeepMask, normalize_keep
 from ..structures import STRUCTURE_META, ParamSlice, StructureMap
-from ..tracing import example_inputs_of
+from ..tracing import example_inputs_of, model_name
 from ._attention import SlicedMultiheadAttention, find_cores, find_mha_nodes
 from ._labels import LabelInterpreter, Watch, _fetch_attr, find_linears, op_name
 
@@ -98,6 +98,19 @@ def slice_pass(gm: fx.GraphModule, smap: StructureMap, keep: Optional[KeepMask])
     """:func:`slice_graph`, returning what it changed as well (a :class:`SliceResult`)."""
     if not isinstance(gm, fx.GraphModule):
         raise SliceError(f"slice() takes a GraphModule from efx.trace(), got {type(gm).__name__}")
+    try:
+        return _slice_pass(gm, smap, keep)
+    except ElasticFxError:
+        raise
+    except Exception as e:  # a bug or an op we do not handle: still a user-facing error, with the cause
+        raise SliceError(
+            f"slicing {model_name(gm)} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}. "
+            "What to try: check that the structure map comes from efx.discover on this very GraphModule; keep "
+            "the block's heads/neurons whole ({block: {}}) to slice around it; please report the model"
+        ) from e
+
+
+def _slice_pass(gm: fx.GraphModule, smap: StructureMap, keep: Optional[KeepMask]) -> SliceResult:
     full = normalize_keep(smap, keep)
     owners = _slice_owners(smap, full)
     mha_nodes = {n: n.target for n in find_mha_nodes(gm)}
@@ -142,8 +155,10 @@ def _slice_parameters(gm: fx.GraphModule, owners, skip_prefixes: Tuple[str, ...]
         new = new.contiguous().clone()
         if isinstance(old, nn.Parameter):
             setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-        else:
-            owner.register_buffer(attr, new, persistent=attr in getattr(owner, "_buffers", {}))
+        elif attr in getattr(owner, "_buffers", {}):
+            owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
+        else:  # a plain tensor attribute (torch.export's lifted constants)
+            setattr(owner, attr, new)
         if owner_name in linear_modules and isinstance(owner, nn.Linear):
             owner.out_features, owner.in_features = owner.weight.shape
 
@@ -175,6 +190,8 @@ def _kept_dims(interp: LabelInterpreter, lut, chans: List[Any], value: Any) -> A
         ]
     if not isinstance(value, torch.Tensor):
         return None
+    if value.numel() == 0:  # an empty tensor (zero class tokens, say): nothing to remove, every dim stays
+        return [torch.ones(s, dtype=torch.bool) for s in value.shape]
     kept = torch.ones(value.shape, dtype=torch.bool)
     for c in chans:
         if isinstance(c, torch.Tensor) and c.shape == value.shape:
