@@ -139,6 +139,28 @@ def _trace_export(model: nn.Module, example_inputs: Tuple[Any, ...]) -> fx.Graph
     return ep.module()
 
 
+def _opaque_weight_calls(gm: fx.GraphModule) -> list:
+    """Python functions fx kept opaque (``torch.fx.wrap``) that take weights: structures hide inside."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target in _NO_TRACE_FUNCTIONS:
+            continue
+        mod = getattr(n.target, "__module__", "") or ""
+        if mod.split(".")[0] in ("torch", "_operator", "operator", "math", "builtins"):
+            continue
+        weights = [a for a in n.all_input_nodes if a.op == "get_attr"]
+        if any(_attr_dim(gm, a.target) >= 2 for a in weights):
+            out.append(getattr(n.target, "__name__", str(n.target)))
+    return out
+
+
+def _attr_dim(gm: fx.GraphModule, target: str) -> int:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj.dim() if isinstance(obj, torch.Tensor) else 0
+
+
 def trace(
     model: nn.Module,
     example_inputs: Optional[Sequence[Any]] = None,
@@ -192,6 +214,16 @@ def trace(
             mismatch = _outputs_match(expected, got)
             if mismatch is not None:
                 raise RuntimeError(f"traced module does not reproduce the model: {mismatch}")
+            hidden = _opaque_weight_calls(gm) if name == "fx" and method == "auto" else []
+            if hidden:  # e.g. torchvision's shifted_window_attention: torch.export sees inside
+                try:
+                    alt = _trace_export(model, example_inputs)
+                    with torch.no_grad():
+                        if _outputs_match(expected, alt(*example_inputs)) is None:
+                            log.info("fx kept %s opaque; using torch.export, which traces into it", hidden)
+                            gm, name = alt, "export"
+                except Exception:
+                    log.debug("torch.export failed; keeping the fx graph with %s opaque", hidden, exc_info=True)
         except Exception as e:  # each tracer fails in its own ways; we report them all
             reasons[name] = f"{type(e).__name__}: {_first_line(e)}"
             log.debug("%s tracing failed", name, exc_info=True)

@@ -41,6 +41,9 @@ _CHAIN_OPS = UNARY_POINTWISE | MUL_LIKE | ADD_LIKE | {"identity"}
 # ops allowed between softmax and the ``@ v`` of a replaceable core: no-ops at inference
 _PROB_PASSTHROUGH = {"identity", "dropout", "to", "type_as", "_to_copy", "float", "contiguous", "clone"}
 _SCALE_OPS = {"mul", "rmul", "div", "truediv"}
+# reshapes of the logits between q @ kᵀ and softmax: shifted-window attention views them
+# as [B, windows, H, N, N] to add the shift mask, and back
+_LOGIT_VIEWS = {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "contiguous"}
 
 
 @dataclass
@@ -107,8 +110,10 @@ def _explicit_core(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionCo
     extras: List[fx.Node] = []
     pre: List[fx.Node] = []
     x = softmax.args[0] if softmax.args else None
-    while isinstance(x, fx.Node) and op_name(gm, x) in _CHAIN_OPS:
+    while isinstance(x, fx.Node) and (op_name(gm, x) in _CHAIN_OPS or op_name(gm, x) in _LOGIT_VIEWS):
         ins = list(x.all_input_nodes)
+        if op_name(gm, x) in _LOGIT_VIEWS:  # the other inputs are sizes read from shapes
+            ins = [x.args[0]] if x.args and isinstance(x.args[0], fx.Node) else []
         if not ins:
             return None
         if op_name(gm, x) in ADD_LIKE:

@@ -365,6 +365,10 @@ class LabelInterpreter(fx.Interpreter):
         lc = [a for a in operands if a not in self.data and a in self.labels]
         if name in ADD_LIKE and len(data_ops) >= 2:
             if len(ld) != len(data_ops):
+                others = [a for a in data_ops if a not in self.labels]
+                if ld and all(_smaller(self.env.get(a), value) for a in others):
+                    # a mask broadcast over the labelled tensor (shifted-window attention), not a stream
+                    return self._fit([c for a in ld for c in self.labels[a]], value)
                 return []  # residual: a labelled stream plus an unrelated one
             srcs = [self._source_set(self.labels[a]) for a in ld]
             if not set.intersection(*srcs):
@@ -418,6 +422,11 @@ class LabelInterpreter(fx.Interpreter):
                 return []
             out.append(res)
         return out
+
+
+def _smaller(t: Any, value: torch.Tensor) -> bool:
+    """``t`` is a tensor broadcast against ``value`` (fewer elements), not a stream of its size."""
+    return isinstance(t, torch.Tensor) and t.numel() < value.numel()
 
 
 def _filler(real: Any) -> Any:
