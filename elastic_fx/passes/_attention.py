@@ -90,6 +90,7 @@ def _bind_sdpa(node: fx.Node) -> dict:
 def find_cores(gm: fx.GraphModule) -> List[AttentionCore]:
     """Every SDPA call and explicit softmax chain of ``gm``, in graph order."""
     cores = []
+    data = None
     for n in gm.graph.nodes:
         name = op_name(gm, n)
         if name in SDPA_OPS:
@@ -99,14 +100,20 @@ def find_cores(gm: fx.GraphModule) -> List[AttentionCore]:
             q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
             cores.append(AttentionCore(n, q, k, v, False, "sdpa", extras))
         elif name in SOFTMAX_OPS:
-            core = _explicit_core(gm, n)
+            if data is None:
+                data = data_nodes(gm)
+            core = _explicit_core(gm, n, data)
             if core is not None:
                 cores.append(core)
     return cores
 
 
-def _explicit_core(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionCore]:
-    """softmax(f(q @ kᵀ)) -> g(...) @ v, with f, g chains of pointwise ops."""
+def _explicit_core(gm: fx.GraphModule, softmax: fx.Node, data: set) -> Optional[AttentionCore]:
+    """softmax(f(q @ kᵀ)) -> g(...) @ v, with f, g chains of pointwise ops.
+
+    ``f`` follows the operand computed from the inputs (``data``); tensors added to the
+    logits, or multiplying them (a per-head temperature), are the core's extras.
+    """
     extras: List[fx.Node] = []
     pre: List[fx.Node] = []
     x = softmax.args[0] if softmax.args else None
@@ -116,7 +123,10 @@ def _explicit_core(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionCo
             ins = [x.args[0]] if x.args and isinstance(x.args[0], fx.Node) else []
         if not ins:
             return None
-        if op_name(gm, x) in ADD_LIKE:
+        if op_name(gm, x) in ADD_LIKE | MUL_LIKE and len(ins) > 1:
+            on_data = [a for a in ins if a in data]
+            if on_data and on_data[0] is not ins[0]:  # the logits are the second operand
+                ins = [on_data[0]] + [a for a in ins if a is not on_data[0]]
             extras.extend(ins[1:])
         pre.append(x)
         x = ins[0]
@@ -179,12 +189,13 @@ def find_unresolved(gm: fx.GraphModule, cores: List[AttentionCore]) -> List[Tupl
         y, reduce = n, None
         for _ in range(_WALK):  # forward to probabilities @ v
             users = [u for u in y.users if not op_name(gm, u).startswith("_assert")]
+            hits = [u for u in users if _is_contraction(gm, u, data)]
+            if hits:  # the weights may be returned as well (need_weights=True)
+                reduce = hits[0]
+                break
             if len(users) != 1:
                 break
             y = users[0]
-            if _is_contraction(gm, y, data):
-                reduce = y
-                break
             if op_name(gm, y) not in _PASS_THROUGH:
                 mixing.append(y)
         if logits is None or reduce is None:
@@ -193,11 +204,22 @@ def find_unresolved(gm: fx.GraphModule, cores: List[AttentionCore]) -> List[Tupl
             where = ", ".join(f"{op_name(gm, m)} at '{m.name}'" for m in mixing[:3])
             reason = (f"the attention weights at softmax '{n.name}' are mixed across heads ({where}), as in "
                       "talking-heads attention or re-attention: its heads are not independent and are not pruned")
+        elif _rank(n) == 3:
+            reason = (f"the attention at softmax '{n.name}' folds its heads into the batch axis ([batch * heads, "
+                      "N, M], as a decomposed nn.MultiheadAttention or SAM's windowed attention does); its heads "
+                      "are not pruned")
         else:
             reason = (f"the attention at softmax '{n.name}' is computed with {op_name(gm, logits)} and "
                       f"{op_name(gm, reduce)} in a form whose heads cannot be read; its heads are not pruned")
         out.append((n, reason))
     return out
+
+
+def _rank(n: fx.Node) -> Optional[int]:
+    """The rank of ``n``'s value when the tracer recorded it (torch.export does), else None."""
+    val = n.meta.get("val", n.meta.get("tensor_meta"))
+    shape = getattr(val, "shape", None)
+    return len(shape) if shape is not None else None
 
 
 def _is_contraction(gm: fx.GraphModule, n: fx.Node, data: set) -> bool:
