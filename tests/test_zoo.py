@@ -254,7 +254,7 @@ def test_zoo_covers_the_required_families() -> None:
     assert {"hand_wide_inner", "vitp_vit_wide", "hand_per_head_params", "vitp_qk_norm", "hand_parallel_block",
             "timm_vit_xp", "hand_relpos_tables", "timm_vit_relpos", "hf_beit_relpos", "hand_rope_from_shapes",
             "hf_dinov3", "timm_swin", "torchvision_swin", "hand_cached_bias_export", "timm_tiny_vit",
-            "hand_talking_heads", "timm_cait", "vitp_deepvit"} <= set(ZOO)
+            "hand_talking_heads", "timm_cait", "vitp_deepvit", "hand_shifted_windows"} <= set(ZOO)
     for e in entries:
         assert e.blocks == len(e.heads) and e.total_heads > 0 and e.total_hidden > 0
 

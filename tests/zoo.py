@@ -501,6 +501,61 @@ class ShapeRopeAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, N, -1))
 
 
+class ShiftedWindowAttention(nn.Module):
+    """Swin-style attention inside windows of ``w x w`` tokens, optionally shifted by ``w // 2``
+    (torch.roll, with a mask on the logits of tokens that came from different regions), and a
+    per-head relative-position table gathered with an index buffer. Logits are viewed as
+    ``[B, windows, H, n, n]`` to add the mask and back, as Swin does."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, grid: int, shift: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.grid, self.w = num_heads, grid, grid // 2
+        self.shift = self.w // 2 if shift else 0
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.proj = nn.Linear(num_heads * head_dim, dim)
+        self.table = nn.Parameter(torch.zeros((2 * self.w - 1) ** 2, num_heads))
+        self.register_buffer("index", _rel_index(self.w), persistent=False)
+        region = torch.zeros(grid, grid)
+        if self.shift:
+            cuts = (slice(0, -self.w), slice(-self.w, -self.shift), slice(-self.shift, None))
+            for i, (a, b) in enumerate((a, b) for a in cuts for b in cuts):
+                region[a, b] = i
+        r = self.partition(region[None, :, :, None]).squeeze(-1)  # [windows, n]
+        mask = (r[:, :, None] != r[:, None, :]).float() * -100.0
+        self.register_buffer("mask", mask, persistent=False)
+
+    def partition(self, x: torch.Tensor) -> torch.Tensor:  # [B, g, g, C] -> [B * windows, n, C]
+        B, g, _, C = x.shape
+        x = x.view(B, g // self.w, self.w, g // self.w, self.w, C).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(-1, self.w * self.w, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        g, w, H = self.grid, self.w, self.num_heads
+        x = x.view(B, g, g, C)
+        if self.shift:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        win = self.partition(x)  # [B * nW, n, C]
+        q, k, v = self.qkv(win).chunk(3, dim=-1)
+        q, k, v = _split_heads(q, H), _split_heads(k, H), _split_heads(v, H)
+        n = w * w
+        bias = self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias.unsqueeze(0)
+        nw = self.mask.shape[0]
+        attn = attn.view(-1, nw, H, n, n) + self.mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, H, n, n).softmax(dim=-1)
+        o = self.proj((attn @ v).transpose(1, 2).reshape(-1, n, H * q.shape[-1]))
+        o = o.view(B, g // w, g // w, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, g, g, C)
+        if self.shift:
+            o = torch.roll(o, shifts=(self.shift, self.shift), dims=(1, 2))
+        return o.reshape(B, N, C)
+
+
+class _ShiftedWindowAttention(ShiftedWindowAttention):
+    def __init__(self, dim: int, num_heads: int, head_dim: int, grid: int) -> None:
+        super().__init__(dim, num_heads, head_dim, grid, shift=True)
+
+
 class TalkingHeadsAttention(nn.Module):
     """Talking-heads attention (CaiT): the logits and the probabilities are mixed across heads
     by two heads x heads Linears, so its heads are not independent (left out, with the reason)."""
@@ -593,6 +648,8 @@ _ATTENTIONS_HD = {
     "rope": ShapeRopeAttention,
     "talking": TalkingHeadsAttention,
     "cached_bias": CachedBiasAttention,
+    "window": ShiftedWindowAttention,
+    "shifted_window": _ShiftedWindowAttention,
 }
 _MLPS = {"gelu": GeluMlp, "swiglu": PackedSwiGLU, "normed": NormedMlp}
 
@@ -711,6 +768,10 @@ _HAND_CFG = {
         img_size=32, patch_size=8, dim=32, heads=[4, 2], hidden=[48, 48],
         attn=["talking", "chunk"], mlp=["gelu", "gelu"], pool="cls",
     ),
+    "hand_shifted_windows": dict(  # 6: 2 x 2 windows of a 4 x 4 grid, block 1 shifted by one token (masked)
+        img_size=32, patch_size=8, dim=32, heads=[2, 4], hidden=[48, 40],
+        attn=["window", "shifted_window"], mlp=["gelu", "gelu"], pool="mean",
+    ),
     "hand_cached_bias_export": dict(  # 7: fx fails, torch.export lifts a cached per-head bias to a constant
         img_size=32, patch_size=8, dim=32, heads=[2, 4], hidden=[48, 40],
         attn=["cached_bias", "cached_bias"], mlp=["gelu", "gelu"], pool="mean",
@@ -721,6 +782,8 @@ _HAND_META = {
     "hand_parallel_block": dict(introspect=False),
     "hand_talking_heads": dict(left_out=(0,)),
     "hand_cached_bias_export": dict(tracer="export"),
+    # attention runs over the 4 tokens of a window; the module walk would read the 16 of the grid
+    "hand_shifted_windows": dict(tokens=4, introspect=False),
 }
 
 
@@ -734,8 +797,9 @@ def _build_hand(name: str) -> Callable[[], Built]:
     return build_fn
 
 
-def _hand_layers(cfg: dict) -> List[dict]:
-    tokens = (cfg["img_size"] // cfg["patch_size"]) ** 2 + (cfg["pool"] == "cls") + (cfg.get("registers") or 0)
+def _hand_layers(cfg: dict, tokens: Optional[int] = None) -> List[dict]:
+    if tokens is None:
+        tokens = (cfg["img_size"] // cfg["patch_size"]) ** 2 + (cfg["pool"] == "cls") + (cfg.get("registers") or 0)
     head_dims = cfg.get("head_dim") or [cfg["dim"] // h for h in cfg["heads"]]
     return [
         _layer(h, h * d, f, tokens, prunable=m != "normed", gated=m == "swiglu")
@@ -1207,6 +1271,9 @@ _NOTES = {
     "(the token count read from the shape), class token skipped, zero register tokens.",
     "hand_talking_heads": "Hand-written (pattern 8): block 0 talking-heads attention (logits and probabilities "
     "mixed over heads by two Linear(H, H)): left out with the reason, FFN pruned; block 1 plain.",
+    "hand_shifted_windows": "Hand-written (pattern 6): 2x2-token windows of the 4x4 grid; block 1 rolls by one "
+    "token and masks pairs from different regions (logits viewed [B, windows, H, n, n] + mask); per-head "
+    "relative-position table gathered with an index buffer; explicit softmax.",
     "hand_cached_bias_export": "Hand-written (pattern 7): a shape check fx cannot trace, and a per-head bias "
     "cached as a plain tensor attribute in eval mode, which torch.export lifts to a constant.",
     "hf_beit_relpos": "HF BeitModel use_relative_position_bias=True: a shared table interpolated to the window "
@@ -1253,9 +1320,9 @@ def _make_zoo() -> Dict[str, ZooEntry]:
     )
     for name, cfg in _HAND_CFG.items():
         meta = {"tracer": "fx", **_HAND_META.get(name, {})}
+        layers = _hand_layers(cfg, meta.pop("tokens", None))
         zoo[name] = _entry(
-            name, _build_hand(name), _hand_layers(cfg), notes=_NOTES[name], embed_dim=cfg["dim"], family="hand",
-            **meta,
+            name, _build_hand(name), layers, notes=_NOTES[name], embed_dim=cfg["dim"], family="hand", **meta,
         )
     for name, (family, requires, tracer, kw, extra) in _X_CFG.items():
         zoo[name] = _entry(
