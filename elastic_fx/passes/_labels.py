@@ -71,6 +71,7 @@ RESAMPLE_OPS = {
     "interpolate", "upsample", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_nearest2d",
     "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "upsample_linear1d", "upsample_nearest1d",
 }
+PAD_OPS = {"pad", "constant_pad_nd"}
 SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
 SDPA_OPS = {"scaled_dot_product_attention"}
 
@@ -314,6 +315,15 @@ class LabelInterpreter(fx.Interpreter):
             return chans
         if name in MUL_LIKE or name in ADD_LIKE:
             return self._binary(n, name, value)
+        if name in PAD_OPS and isinstance(value, torch.Tensor):  # padded entries come from nowhere: -1
+            first = n.all_input_nodes[0]
+            pad = n.args[1] if len(n.args) > 1 else n.kwargs.get("pad")
+            mode = n.kwargs.get("mode", n.args[2] if len(n.args) > 2 and isinstance(n.args[2], str) else "constant")
+            if mode != "constant":
+                return []
+            out = [torch.nn.functional.pad(c, list(pad), value=-1) for c in self.labels.get(first, [])
+                   if isinstance(c, torch.Tensor)]
+            return [c for c in out if c.shape == value.shape]
         if name in RESAMPLE_OPS and isinstance(value, torch.Tensor) and value.dim() >= 3:
             # each output element mixes one channel's inputs: its label is the nearest input's
             first = n.all_input_nodes[0]

@@ -580,6 +580,7 @@ def _discover(gm: fx.GraphModule) -> StructureMap:
         else:  # found but not prunable: the block still opens here and says why
             why = an.notes[-1] if len(an.notes) > noted else f"attention at '{core.node.name}' could not be mapped"
             groups.append((an.order[core.node], "left_out", why))
+    groups = _unshare(groups, an)
     for softmax, why in find_unresolved(gm, an.cores):
         an.notes.append(why)
         groups.append((an.order[softmax], "left_out", why))
@@ -596,7 +597,8 @@ def _discover(gm: fx.GraphModule) -> StructureMap:
         raise DiscoveryError(
             f"no attention heads or FFN neurons found in {model_name(gm)} "
             f"({len(an.linears)} linear layers, {len(an.cores) + len(an.mhas)} attention operations, "
-            f"{len(groups)} feed-forward layer pairs). "
+            f"{sum(kind == 'mlp' for _, kind, _ in groups)} feed-forward layer pairs, "
+            f"{sum(kind == 'left_out' for _, kind, _ in groups)} attention operations left out). "
             "elastic_fx prunes Vision Transformers: blocks of multi-head attention and feed-forward layers. "
             "If this is a ViT whose attention sits inside an opaque module, trace it without registering "
             "that module as a leaf." + (f" Notes: {'; '.join(an.notes)}" if an.notes else "")
@@ -633,6 +635,28 @@ def _discover(gm: fx.GraphModule) -> StructureMap:
     gm.meta[STRUCTURE_META] = smap
     log.info("discovered %d blocks (tracer: %s)", len(blocks), gm.meta.get(TRACER_META, "?"))
     return smap
+
+
+def _unshare(groups: list, an: _Analysis) -> list:
+    """Attention units sharing a per-head parameter (one relative-position MLP for every block,
+    timm's ``vit_srelpos``) cannot keep different heads: leave them out, saying why."""
+    users: Dict[str, List[str]] = {}
+    for _, kind, g in groups:
+        if kind == "attention":
+            for name in {s.name for s in g.slices}:
+                users.setdefault(name, []).append(g.core)
+    out = []
+    for pos, kind, g in groups:
+        shared = sorted({n for s in g.slices if kind == "attention" for n in [s.name] if len(users[n]) > 1})
+        if shared:
+            why = (f"attention at '{g.core}' shares the per-head parameter '{shared[0]}' with "
+                   f"{len(users[shared[0]]) - 1} other attention unit(s); heads sharing one table cannot be removed "
+                   "block by block, so its heads are not pruned")
+            an.notes.append(why)
+            out.append((pos, "left_out", why))
+        else:
+            out.append((pos, kind, g))
+    return out
 
 
 def _fixed_flops(an: _Analysis, blocks: List[Block]) -> int:

@@ -157,3 +157,52 @@ def test_the_log_states_the_reason_per_block(caplog):
     lines = [r.getMessage() for r in caplog.records if "attention not pruned" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("block 0: attention not pruned: the attention weights")
     assert "linear at 'blocks_0_attn_mix_l'" in lines[0]
+
+
+# ---------------------------------------------------------------------------- relpos variants
+
+
+def _timm_relpos(**kw):
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    from zoo import liven
+
+    torch.manual_seed(0)
+    model = liven(VisionTransformerRelPos(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                          mlp_ratio=2.0, num_classes=10, **kw)).eval()
+    assert timm is not None
+    return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _sliced_matches_zeroed(model, x):
+    import copy
+
+    from oracles import zero_structures
+
+    gm = efx.trace(model, (x,))
+    smap = efx.discover(gm)
+    keep = half_keep(smap, seed=3)
+    small = efx.slice(gm, smap, keep)
+    ref = zero_structures(copy.deepcopy(gm), smap, keep)
+    with torch.no_grad():
+        got, want = output_tensors(small(x))[0], output_tensors(ref(x))[0]
+    assert ((got - want).abs().max() / want.abs().max()) <= 1e-4
+    removed = sum(p.numel() for p in gm.parameters()) - sum(p.numel() for p in small.parameters())
+    assert removed == smap.total_params - smap.params(keep) > 0
+    return smap
+
+
+def test_a_per_head_table_padded_for_the_class_token_is_sliced():
+    """timm's relpos ViT with a class token pads the MLP's [H, N, N] table to [H, N+1, N+1]."""
+    smap = _sliced_matches_zeroed(*_timm_relpos(class_token=True, global_pool="token", rel_pos_type="mlp"))
+    assert [b.attention.num_heads for b in smap.blocks] == [3, 3]
+    assert all(any(".rel_pos.mlp.fc2." in s.name for s in b.attention.slices) for b in smap.blocks)
+
+
+def test_a_per_head_table_shared_by_every_block_leaves_their_heads_out():
+    """One relative-position MLP for all blocks (vit_srelpos): no block can drop its own heads."""
+    smap = _sliced_matches_zeroed(*_timm_relpos(shared_rel_pos=True))
+    assert [b.attention for b in smap.blocks] == [None, None]
+    assert all("shares the per-head parameter 'shared_rel_pos.mlp.fc2" in b.attention_reason for b in smap.blocks)
+    assert [b.mlp.hidden_features for b in smap.blocks] == [96, 96]
