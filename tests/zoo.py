@@ -1049,6 +1049,9 @@ _X_CFG = {
                       dict(introspect=False)),
     "vitp_qk_norm": ("vit_pytorch", ("vit_pytorch",), "export",
                      dict(_VP, dim=32, depth=2, heads=4, dim_head=12, mlp_dim=40), dict(introspect=False)),
+    "open_clip_vit": ("open_clip", ("open_clip",), "fx",
+                      dict(image_size=32, patch_size=8, width=48, layers=2, heads=4, mlp_ratio=2.0, output_dim=16),
+                      dict(introspect=False)),
     "vitp_deepvit": ("vit_pytorch", ("vit_pytorch",), "export",
                      dict(_VP, dim=32, depth=2, heads=4, dim_head=16, mlp_dim=48),
                      dict(left_out=(0, 1), introspect=False)),
@@ -1075,6 +1078,8 @@ def _x_model(name: str, kw: dict) -> nn.Module:
         return _timm_cls("vit_pytorch.simple_vit_with_qk_norm", "SimpleViT")(**kw)
     if name == "vitp_deepvit":
         return _timm_cls("vit_pytorch.deepvit", "DeepViT")(**kw)
+    if name == "open_clip_vit":
+        return _timm_cls("open_clip.transformer", "VisionTransformer")(**kw)
     raise KeyError(name)
 
 
@@ -1118,6 +1123,9 @@ def _x_layers(name: str) -> List[dict]:
             dim = c["embed_dim"] * 2**i
             out += [_layer(h, dim, int(dim * c["mlp_ratio"]), window * window)] * d
         return out
+    if name == "open_clip_vit":  # nn.MultiheadAttention blocks, class token, mlp c_fc -> GELU -> c_proj
+        tokens = (c["image_size"] // c["patch_size"]) ** 2 + 1
+        return [_layer(c["heads"], c["width"], int(c["width"] * c["mlp_ratio"]), tokens)] * c["layers"]
     # vit-pytorch: inner width heads x dim_head; mean pooling has no class token, SimpleViT none at all
     tokens = (c["image_size"] // c["patch_size"]) ** 2 + (name == "vitp_deepvit")
     return [_layer(c["heads"], c["heads"] * c["dim_head"], c["mlp_dim"], tokens)] * c["depth"]
@@ -1296,6 +1304,8 @@ _NOTES = {
     "class tokens: an empty [0, dim] parameter), einops rearrange. fx fails, export works.",
     "vitp_qk_norm": "vit-pytorch SimpleViT with qk-norm: RMSNorm gamma [heads, 1, dim_head] per head, no class "
     "token, sin-cos positions. fx fails, export works.",
+    "open_clip_vit": "open_clip VisionTransformer: ResidualAttentionBlock with nn.MultiheadAttention (fx leaf), "
+    "mlp = Sequential(c_fc, GELU, c_proj), class token, attention pooling off, projection to output_dim.",
     "vitp_deepvit": "vit-pytorch DeepViT: re-attention (einsum with a heads x heads matrix + LayerNorm over heads "
     "between softmax and @ v): left out with the reason, FFNs pruned.",
 }
@@ -1327,7 +1337,7 @@ def _make_zoo() -> Dict[str, ZooEntry]:
     for name, (family, requires, tracer, kw, extra) in _X_CFG.items():
         zoo[name] = _entry(
             name, _build_x(name), _x_layers(name), tracer=tracer, notes=_NOTES[name],
-            embed_dim=kw.get("embed_dim", kw.get("dim", 0)), family=family, requires=requires, **extra,
+            embed_dim=kw.get("embed_dim", kw.get("dim", kw.get("width", 0))), family=family, requires=requires, **extra,
         )
     return zoo
 

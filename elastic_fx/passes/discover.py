@@ -647,7 +647,7 @@ def _unshare(groups: list, an: _Analysis) -> list:
                 users.setdefault(name, []).append(g.core)
     out = []
     for pos, kind, g in groups:
-        shared = sorted({n for s in g.slices if kind == "attention" for n in [s.name] if len(users[n]) > 1})
+        shared = sorted({s.name for s in g.slices if len(users[s.name]) > 1}) if kind == "attention" else []
         if shared:
             why = (f"attention at '{g.core}' shares the per-head parameter '{shared[0]}' with "
                    f"{len(users[shared[0]]) - 1} other attention unit(s); heads sharing one table cannot be removed "
