@@ -16,8 +16,9 @@ Conventions
 * ``build()`` seeds ``torch.manual_seed(0)``, builds the model, re-draws its weights
   (see :func:`liven`), and returns ``(model.eval(), inputs)`` where ``inputs`` is a
   tuple of tensors with batch size 2 (drawn from a separate generator seeded with 1).
-* Models are tiny (images of 28-32 pixels, 16 patches, width 32-48, depth 2) so that
-  tracing, discovery and slicing of every entry take well under a second on a CPU.
+* Models are tiny (images of 28-32 pixels, 16 patches, width 32-48, depth 2; TinyViT 64
+  pixels) so that tracing, discovery and slicing of every entry take about a second on a CPU
+  (a few seconds for torch.export).
 * A "block" is one attention operation together with the FFN that follows it. Extra
   attention modules outside the main stack are blocks too: the attention-pooling
   (MAP) heads of SigLIP (timm ``global_pool='map'`` and Hugging Face
@@ -26,7 +27,13 @@ Conventions
   probe) and all patch tokens as keys and values.
 * ``tracer`` says which tracer is expected to succeed: ``"fx"`` means
   ``torch.fx.symbolic_trace`` works (and ``torch.export`` does too); ``"export"``
-  means only ``torch.export.export(..., strict=False)`` works (all Hugging Face models).
+  means only ``torch.export.export(..., strict=False)`` works (all Hugging Face models,
+  vit-pytorch's einops models, TinyViT), or that fx keeps the attention opaque
+  (``fx_opaque``: torchvision's Swin).
+* Issue 14 added one hand-written and at least one third-party model per pattern (see
+  ``tests/passes/test_any_vit.py``); ``left_out`` lists blocks whose attention discovery
+  leaves out on purpose (heads mixed across, or folded into the batch), ``introspect=False``
+  the entries ``tests/test_zoo.py``'s module walk cannot read.
 * Hugging Face models return a ``ModelOutput``; :func:`output_tensors` flattens any
   output into a tuple of tensors.
 
