@@ -228,11 +228,10 @@ class _Analysis:
                 return None
             slices.extend(got)
             in_projs.append(li.module)
+        self._out_why = "no linear layer consumes the head outputs"
         out = self._out_proj(core, num_heads, head_dim)
         if out is None:
-            self.notes.append(
-                f"attention at '{core.node.name}': no linear layer consumes the head outputs; its heads are not pruned"
-            )
+            self.notes.append(f"attention at '{core.node.name}': {self._out_why}; its heads are not pruned")
             return None
         out_li, out_slice = out
         slices.append(out_slice)
@@ -323,6 +322,11 @@ class _Analysis:
                 if not hit.any():
                     continue
                 if not uniform:
+                    self._out_why = (
+                        f"the head outputs reach '{li.module}' in a layout that changes from token to token (an "
+                        "attention over channels, [..., heads, head_dim, tokens], as XCiT's cross-covariance "
+                        "attention, is not read as heads)"
+                    )
                     return None
                 owner = torch.full((li.in_features,), -1, dtype=torch.long)
                 owner[hit] = loc[hit] // head_dim
