@@ -1048,6 +1048,9 @@ _X_CFG = {
     "timm_swin": ("timm", ("timm",), "fx",
                   dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
                        mlp_ratio=4.0, num_classes=10), {}),
+    "timm_hiera": ("timm", ("timm",), "fx",
+                   dict(img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 2, 1, 1), q_pool=1, mlp_ratio=4.0,
+                        num_classes=10), dict(introspect=False)),
     "torchvision_swin": ("torchvision", ("torchvision",), "export",
                          dict(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
                               mlp_ratio=4.0, num_classes=10), dict(fx_opaque=True, introspect=False)),
@@ -1079,6 +1082,8 @@ def _x_model(name: str, kw: dict) -> nn.Module:
         return _timm_cls("timm.models.swin_transformer", "SwinTransformer")(**kw)
     if name == "torchvision_swin":
         return _timm_cls("torchvision.models.swin_transformer", "SwinTransformer")(**kw)
+    if name == "timm_hiera":
+        return _timm_cls("timm.models.hiera", "Hiera")(**kw)
     if name == "vitp_vit_wide":
         return _timm_cls("vit_pytorch", "ViT")(**kw)
     if name == "vitp_qk_norm":
@@ -1091,7 +1096,8 @@ def _x_model(name: str, kw: dict) -> nn.Module:
 
 
 def _x_size(kw: dict) -> int:
-    return kw.get("img_size", kw.get("image_size", 64 if "embed_dims" in kw else 32))
+    size = kw.get("img_size", kw.get("image_size", 64 if "embed_dims" in kw else 32))
+    return size[0] if isinstance(size, tuple) else size
 
 
 def _build_x(name: str) -> Callable[[], Built]:
@@ -1123,6 +1129,12 @@ def _x_layers(name: str) -> List[dict]:
     if name in ("timm_vit_xp", "timm_vit_relpos"):
         tokens = (c["img_size"] // c["patch_size"]) ** 2 + 1
         return [_layer(c["num_heads"], c["embed_dim"], int(c["embed_dim"] * c["mlp_ratio"]), tokens)] * c["depth"]
+    if name == "timm_hiera":  # heads and width double per stage (head_dim stays); tokens: not checked (no walk)
+        out = []
+        for i, depth in enumerate(c["stages"]):
+            heads, dim = c["num_heads"] * 2**i, c["embed_dim"] * 2**i
+            out += [_layer(heads, dim, int(dim * c["mlp_ratio"]), None)] * depth
+        return out
     if name in ("timm_swin", "torchvision_swin"):
         window = c["window_size"] if isinstance(c["window_size"], int) else c["window_size"][0]
         out = []
@@ -1305,6 +1317,8 @@ _NOTES = {
     "last Linear (one output per head) over log-spaced coordinates, passed to SDPA as attn_mask.",
     "timm_swin": "timm SwinTransformer: window attention, every second block shifted (logits viewed to "
     "[B, windows, H, N, N] to add the shift mask), per-head relative-position table; PatchMerging between stages.",
+    "timm_hiera": "timm Hiera: mask-unit attention q/k/v [B, heads, windows, N, head_dim] (heads on axis -4), "
+    "query pooling by amax over a stride axis, global attention in the last stages; heads 1,2,2,4,8.",
     "torchvision_swin": "torchvision SwinTransformer: shifted_window_attention is torch.fx.wrap'ed (opaque under "
     "fx, weights passed in), so elastic_fx traces with torch.export; masks built from x.new_zeros.",
     "vitp_vit_wide": "vit-pytorch ViT(dim=32, heads=4, dim_head=16): inner width 64 != 32, pool='mean' (zero "

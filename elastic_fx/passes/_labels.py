@@ -72,6 +72,8 @@ RESAMPLE_OPS = {
     "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "upsample_linear1d", "upsample_nearest1d",
 }
 PAD_OPS = {"pad", "constant_pad_nd"}
+# reductions that keep features apart when they run over positions (Hiera's query pooling)
+REDUCE_OPS = {"amax", "amin", "mean", "sum"}
 SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
 SDPA_OPS = {"scaled_dot_product_attention"}
 
@@ -222,6 +224,7 @@ class LabelInterpreter(fx.Interpreter):
         self.shapes: Dict[fx.Node, Any] = {}
         self.norms: Dict[fx.Node, List[torch.Tensor]] = {}  # first normalised row of each channel
         self.nonlinear: set = set()  # sources whose features passed an activation or a gate
+        self.core_axis: Dict[fx.Node, int] = {}  # the heads' axis of each core output (negative)
         self._next = 0
         self._bases: Optional[np.ndarray] = None
         self._decoded: Dict[int, Any] = {}
@@ -272,6 +275,20 @@ class LabelInterpreter(fx.Interpreter):
             self.labels.pop(dead, None)
         return value
 
+    def _core_axis(self, n: fx.Node, value: torch.Tensor) -> int:
+        """The heads' axis of a core's output: where v's labels vary ([..., H, N, d]: -3;
+        Hiera's mask-unit attention [B, H, windows, N, d]: -4)."""
+        if op_name(self.module, n) in SDPA_OPS:
+            v = n.kwargs.get("value", n.args[2] if len(n.args) > 2 else None)
+        else:  # probabilities @ v
+            v = n.args[1] if len(n.args) > 1 else None
+        chans = self.labels.get(v, []) if isinstance(v, fx.Node) else []
+        if chans and isinstance(chans[0], torch.Tensor) and chans[0].dim() == value.dim():
+            axis = head_axis(chans[0], (-2, -1))
+            if axis is not None:
+                return axis
+        return -3
+
     # -- label rules
     def _labels_for(self, n: fx.Node, value: Any) -> List[Any]:
         if n in self.linears:
@@ -279,9 +296,13 @@ class LabelInterpreter(fx.Interpreter):
             base = self._new_source("linear", n, li.out_features)
             return [(base + torch.arange(li.out_features)).expand(value.shape).contiguous()]
         if n in self.cores and isinstance(value, torch.Tensor) and value.dim() >= 4:
-            h, d = value.shape[-3], value.shape[-1]
+            axis = self._core_axis(n, value)
+            self.core_axis[n] = axis
+            h, d = value.shape[axis], value.shape[-1]
             base = self._new_source("core", n, h * d)
-            lab = (base + torch.arange(h * d)).view(h, 1, d)
+            shape = [1] * value.dim()
+            shape[axis], shape[-1] = h, d
+            lab = (base + torch.arange(h * d)).view(shape)
             return [lab.expand(value.shape).contiguous()]
         if n.op == "get_attr":
             if (
@@ -315,6 +336,19 @@ class LabelInterpreter(fx.Interpreter):
             return chans
         if name in MUL_LIKE or name in ADD_LIKE:
             return self._binary(n, name, value)
+        if name in REDUCE_OPS and isinstance(value, torch.Tensor):  # pooling over positions, not features
+            first = n.all_input_nodes[0]
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+            keep = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
+            if dim is None or not isinstance(keep, bool):
+                return []
+            out = []
+            for c in self.labels.get(first, []):
+                if isinstance(c, torch.Tensor):
+                    hi, lo = c.amax(dim, keepdim=keep), c.amin(dim, keepdim=keep)
+                    if torch.equal(hi, lo) and hi.shape == value.shape:
+                        out.append(hi)
+            return out
         if name in PAD_OPS and isinstance(value, torch.Tensor):  # padded entries come from nowhere: -1
             first = n.all_input_nodes[0]
             pad = n.args[1] if len(n.args) > 1 else n.kwargs.get("pad")
@@ -460,17 +494,41 @@ def _same_structure(lab: Any, val: Any) -> bool:
     return True
 
 
-def head_table(chans: Sequence[Any], head_axis: int, dim_axis: int) -> List[torch.Tensor]:
-    """For q/k/v-like labels, one ``[H, d]`` id table per channel (first batch / token)."""
+def head_axis(c: torch.Tensor, skip: Tuple[int, int]) -> Optional[int]:
+    """The one axis (negative), besides ``skip``, along which labels vary: the heads' axis.
+
+    When none varies (one head): the last axis of size 1 after the batch, else -3. None when
+    several vary.
+    """
+    r = c.dim()
+    skipped = {s % r for s in skip}
+    varying = [a for a in range(r) if a not in skipped and c.shape[a] > 1 and not bool((c == c.narrow(a, 0, 1)).all())]
+    if len(varying) == 1:
+        return varying[0] - r
+    if varying:
+        return None
+    ones = [a for a in range(1, r) if a not in skipped and c.shape[a] == 1]
+    return ones[-1] - r if ones else -3
+
+
+def head_table(chans: Sequence[Any], axis: Optional[int], dim_axis: int) -> List[torch.Tensor]:
+    """For q/k/v-like labels, one ``[H, d]`` id table per channel (first batch / token).
+
+    ``axis`` is the heads' axis; None: the axis along which the labels vary (:func:`head_axis`).
+    """
     out = []
     for c in chans:
         if not isinstance(c, torch.Tensor) or c.dim() < 3:
             continue
+        token_axis = -2 if dim_axis % c.dim() == c.dim() - 1 else -1
+        found = axis if axis is not None else head_axis(c, (dim_axis, token_axis))
+        if found is None:
+            continue
         idx = [0] * c.dim()
-        idx[head_axis] = slice(None)
+        idx[found] = slice(None)
         idx[dim_axis] = slice(None)
         t = c[tuple(idx)]
-        if head_axis % c.dim() > dim_axis % c.dim():
+        if found % c.dim() > dim_axis % c.dim():
             t = t.t()
         out.append(t.clone())
     return out

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- summaries
-def _sum_heads(head_axis: int, dim_axis: int):
+def _sum_heads(head_axis: Optional[int], dim_axis: int):
     def fn(node, value, chans):
         return head_table(chans, head_axis, dim_axis)
 
@@ -92,9 +92,10 @@ class _Analysis:
             if li.bias_node is not None:
                 watch.add(li.bias_node, f"bias:{li.node.name}", _sum_vector)
         for c in self.cores:
-            watch.add(c.q, f"q:{c.node.name}", _sum_heads(-3, -1))
-            watch.add(c.k, f"k:{c.node.name}", _sum_heads(-3, -2) if c.k_transposed else _sum_heads(-3, -1))
-            watch.add(c.v, f"v:{c.node.name}", _sum_heads(-3, -1))
+            # the heads' axis is read from the labels (-3 for [..., H, N, d]; -4 with a windows axis)
+            watch.add(c.q, f"q:{c.node.name}", _sum_heads(None, -1))
+            watch.add(c.k, f"k:{c.node.name}", _sum_heads(None, -2) if c.k_transposed else _sum_heads(None, -1))
+            watch.add(c.v, f"v:{c.node.name}", _sum_heads(None, -1))
             for e in c.extras:
                 watch.add(e, f"extra:{c.node.name}", _sum_per_head)
         # parameters (or tensors computed from them) multiplied into or added to the data:
@@ -191,9 +192,11 @@ class _Analysis:
         if not shape or len(shape) < 4:
             self.notes.append(f"attention at node '{core.node.name}' has shape {shape}; heads need [..., H, N, d]")
             return None
-        num_heads, num_tokens, head_dim = shape[-3], shape[-2], shape[-1]
+        axis = self.interp.core_axis.get(core.node, -3)
+        num_heads, head_dim = shape[axis], shape[-1]
+        num_tokens = _numel(shape[axis + 1:-1])  # windows x tokens per window, when there are windows
         k_shape = self.interp.shapes.get(core.k) or shape
-        num_kv = k_shape[-1] if core.k_transposed else k_shape[-2]
+        num_kv = (_numel(k_shape[axis + 1:-2]) * k_shape[-1]) if core.k_transposed else _numel(k_shape[axis + 1:-1])
         owners: Dict[int, torch.Tensor] = {}  # linear source -> owner head per output row
         for role in ("q", "k", "v"):
             tables = self.sum.get((getattr(core, role), f"{role}:{core.node.name}"), [])
