@@ -12,8 +12,11 @@ Each source owns a disjoint id range, so one int64 says "feature f of source s".
 Labels flow through *index ops* (view, permute, chunk, cat, getitem ...) by running the very
 same op on the label tensors, and through *pointwise ops* (activations, scaling, gating,
 adding a bias) unchanged. They stop at anything that mixes features (a linear, a matmul,
-a convolution), and at a residual ``add`` of two unrelated streams. Norm layers pass labels
-on but are recorded, so callers can check whether they mix structures.
+a convolution), and at a residual ``add`` of two unrelated streams (a tensor broadcast
+against the labelled one, a shift mask, is not a stream). Norm layers pass labels on but are
+recorded, so callers can check whether they mix structures. Constant padding adds unlabelled
+(-1) entries; resampling (interpolate) gives each output its nearest input's label; a
+reduction over positions (amax, mean ...) keeps labels that do not vary along it.
 
 The same code reads torch.fx graphs (``call_module`` Linears, Tensor methods) and
 torch.export graphs (``aten.*`` overloads), because ops are classified by name and the

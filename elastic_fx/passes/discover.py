@@ -14,8 +14,17 @@ No module names, no per-family adapters. The pass
 4. orders everything into blocks by execution order, and finds the pooled embedding.
 
 Head count and head_dim are read from the shapes the graph computes at the core
-(``[..., heads, tokens, head_dim]``), never assumed. An FFN whose hidden activations are
-normalised across neurons (a LayerNorm over the hidden dim) is recorded as not prunable.
+(``[..., heads, tokens, head_dim]``; the heads' axis is where the labels vary, so
+``[B, heads, windows, tokens, head_dim]`` reads too), never assumed. Parameters that meet the
+heads or neurons elementwise (a per-head q/k scale or temperature, a hidden bias added after
+its projection) are sliced with them. An FFN whose hidden activations are normalised across
+neurons (a LayerNorm over the hidden dim) is recorded as not prunable. An attention operation
+found but not prunable (heads mixed across, folded into the batch, a per-head table shared by
+several blocks ...) still opens its block, with the reason in ``Block.attention_reason`` (shown
+by ``summary()`` and logged); its FFN is pruned as usual.
+
+Any failure inside the analysis is raised as a :class:`~elastic_fx.errors.DiscoveryError`
+naming the model.
 
 Takes a GraphModule from :func:`elastic_fx.trace` (it runs it once on the example inputs
 stored in its meta); returns a :class:`~elastic_fx.structures.StructureMap`. What it
@@ -34,7 +43,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import DiscoveryError, ElasticFxError
+from ..errors import DiscoveryError, ElasticFxError, first_line
 from ..structures import STRUCTURE_META, AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap, structures_of
 from ..tracing import TRACER_META, example_inputs_of, model_name, trace
 from ._attention import AttentionCore, find_cores, find_mha_nodes, find_unresolved, mha_head_rows
@@ -563,15 +572,10 @@ def discover(gm: fx.GraphModule) -> StructureMap:
         raise
     except Exception as e:  # an op or layout the analysis does not handle: say which model and what to try
         raise DiscoveryError(
-            f"discovery failed on {model_name(gm)}: {type(e).__name__}: {_first_line(e)}. What to try: keep the "
+            f"discovery failed on {model_name(gm)}: {type(e).__name__}: {first_line(e)}. What to try: keep the "
             "submodule that computes it opaque with efx.register_leaf_module(ThatModule) and trace again (its "
             "structures are then not pruned); please report the model"
         ) from e
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else ""
 
 
 def _discover(gm: fx.GraphModule) -> StructureMap:

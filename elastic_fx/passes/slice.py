@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import ElasticFxError, SliceError
+from ..errors import ElasticFxError, SliceError, first_line
 from ..keep import KeepMask, normalize_keep
 from ..structures import STRUCTURE_META, ParamSlice, StructureMap
 from ..tracing import example_inputs_of, model_name
@@ -104,7 +104,7 @@ def slice_pass(gm: fx.GraphModule, smap: StructureMap, keep: Optional[KeepMask])
         raise
     except Exception as e:  # a bug or an op we do not handle: still a user-facing error, with the cause
         raise SliceError(
-            f"slicing {model_name(gm)} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}. "
+            f"slicing {model_name(gm)} failed: {type(e).__name__}: {first_line(e)}. "
             "What to try: check that the structure map comes from efx.discover on this very GraphModule; keep "
             "the block's heads/neurons whole ({block: {}}) to slice around it; please report the model"
         ) from e
