@@ -1051,6 +1051,10 @@ _X_CFG = {
     "timm_hiera": ("timm", ("timm",), "fx",
                    dict(img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 2, 1, 1), q_pool=1, mlp_ratio=4.0,
                         num_classes=10), dict(introspect=False)),
+    "timm_sam": ("timm", ("timm",), "export",
+                 dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, window_size=4,
+                      global_attn_indexes=(1,), use_rel_pos=True, mlp_ratio=4.0, neck_chans=16, num_classes=10),
+                 dict(introspect=False)),
     "torchvision_swin": ("torchvision", ("torchvision",), "export",
                          dict(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
                               mlp_ratio=4.0, num_classes=10), dict(fx_opaque=True, introspect=False)),
@@ -1084,6 +1088,8 @@ def _x_model(name: str, kw: dict) -> nn.Module:
         return _timm_cls("torchvision.models.swin_transformer", "SwinTransformer")(**kw)
     if name == "timm_hiera":
         return _timm_cls("timm.models.hiera", "Hiera")(**kw)
+    if name == "timm_sam":
+        return _timm_cls("timm.models.vision_transformer_sam", "VisionTransformerSAM")(**kw)
     if name == "vitp_vit_wide":
         return _timm_cls("vit_pytorch", "ViT")(**kw)
     if name == "vitp_qk_norm":
@@ -1129,6 +1135,13 @@ def _x_layers(name: str) -> List[dict]:
     if name in ("timm_vit_xp", "timm_vit_relpos"):
         tokens = (c["img_size"] // c["patch_size"]) ** 2 + 1
         return [_layer(c["num_heads"], c["embed_dim"], int(c["embed_dim"] * c["mlp_ratio"]), tokens)] * c["depth"]
+    if name == "timm_sam":  # windowed blocks (window x window tokens) and the global ones (the whole grid)
+        grid = c["img_size"] // c["patch_size"]
+        return [
+            _layer(c["num_heads"], c["embed_dim"], int(c["embed_dim"] * c["mlp_ratio"]),
+                   grid * grid if i in c["global_attn_indexes"] else c["window_size"] ** 2)
+            for i in range(c["depth"])
+        ]
     if name == "timm_hiera":  # heads and width double per stage (head_dim stays); tokens: not checked (no walk)
         out = []
         for i, depth in enumerate(c["stages"]):
@@ -1319,6 +1332,9 @@ _NOTES = {
     "[B, windows, H, N, N] to add the shift mask), per-head relative-position table; PatchMerging between stages.",
     "timm_hiera": "timm Hiera: mask-unit attention q/k/v [B, heads, windows, N, head_dim] (heads on axis -4), "
     "query pooling by amax over a stride axis, global attention in the last stages; heads 1,2,2,4,8.",
+    "timm_sam": "timm VisionTransformerSAM: block 0 windowed (4x4 windows, padded), block 1 global; q/k/v "
+    "reshaped to [B * heads, N, d] (heads folded into the batch axis), decomposed relative position bias "
+    "computed from q by einsum and passed as attn_mask; conv neck. fx fails, export works.",
     "torchvision_swin": "torchvision SwinTransformer: shifted_window_attention is torch.fx.wrap'ed (opaque under "
     "fx, weights passed in), so elastic_fx traces with torch.export; masks built from x.new_zeros.",
     "vitp_vit_wide": "vit-pytorch ViT(dim=32, heads=4, dim_head=16): inner width 64 != 32, pool='mean' (zero "

@@ -281,16 +281,37 @@ class LabelInterpreter(fx.Interpreter):
     def _core_axis(self, n: fx.Node, value: torch.Tensor) -> int:
         """The heads' axis of a core's output: where v's labels vary ([..., H, N, d]: -3;
         Hiera's mask-unit attention [B, H, windows, N, d]: -4)."""
+        v = self._value_labels(n)
+        if v is not None and v.dim() == value.dim():
+            axis = head_axis(v, (-2, -1))
+            if axis is not None:
+                return axis
+        return -3
+
+    def _value_labels(self, n: fx.Node) -> Optional[torch.Tensor]:
         if op_name(self.module, n) in SDPA_OPS:
             v = n.kwargs.get("value", n.args[2] if len(n.args) > 2 else None)
         else:  # probabilities @ v
             v = n.args[1] if len(n.args) > 1 else None
         chans = self.labels.get(v, []) if isinstance(v, fx.Node) else []
-        if chans and isinstance(chans[0], torch.Tensor) and chans[0].dim() == value.dim():
-            axis = head_axis(chans[0], (-2, -1))
-            if axis is not None:
-                return axis
-        return -3
+        return chans[0] if chans and isinstance(chans[0], torch.Tensor) else None
+
+    def _folded_heads(self, n: fx.Node, value: torch.Tensor) -> Optional[torch.Tensor]:
+        """Heads folded into the batch axis: per row of v ``[batch * heads, M, d]``, its head
+        (rows with the same features are one head, numbered in order of first appearance)."""
+        v = self._value_labels(n)
+        if v is None or v.dim() != 3 or v.shape[0] != value.shape[0] or bool((v < 0).any()):
+            return None
+        rows = v[:, 0, :]
+        uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        h = uniq.shape[0]
+        if h < 2 or rows.shape[0] % h:
+            return None
+        first = torch.full((h,), rows.shape[0], dtype=torch.long).scatter_reduce(
+            0, inverse, torch.arange(rows.shape[0]), reduce="amin")
+        rank = torch.empty(h, dtype=torch.long)
+        rank[torch.argsort(first)] = torch.arange(h)
+        return rank[inverse]
 
     # -- label rules
     def _labels_for(self, n: fx.Node, value: Any) -> List[Any]:
@@ -298,6 +319,14 @@ class LabelInterpreter(fx.Interpreter):
             li = self.linears[n]
             base = self._new_source("linear", n, li.out_features)
             return [(base + torch.arange(li.out_features)).expand(value.shape).contiguous()]
+        if n in self.cores and isinstance(value, torch.Tensor) and value.dim() == 3:
+            folded = self._folded_heads(n, value)  # [batch * heads, N, d]: head of each row
+            if folded is not None:
+                h, d = int(folded.max()) + 1, value.shape[-1]
+                self.core_axis[n] = -3
+                base = self._new_source("core", n, h * d)
+                lab = base + folded.view(-1, 1, 1) * d + torch.arange(d).view(1, 1, d)
+                return [lab.expand(value.shape).contiguous()]
         if n in self.cores and isinstance(value, torch.Tensor) and value.dim() >= 4:
             axis = self._core_axis(n, value)
             self.core_axis[n] = axis

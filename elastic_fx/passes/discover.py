@@ -198,11 +198,15 @@ class _Analysis:
     # -- attention
     def attention(self, core: AttentionCore) -> Optional[Tuple[AttentionGroup, int]]:
         shape = self.interp.shapes.get(core.node)
-        if not shape or len(shape) < 4:
+        cs = self.src_of.get(("core", core.node))
+        folded = bool(shape) and len(shape) == 3 and cs is not None  # [batch * heads, N, d]
+        if not shape or (len(shape) < 4 and not folded):
             self.notes.append(f"attention at node '{core.node.name}' has shape {shape}; heads need [..., H, N, d]")
             return None
         axis = self.interp.core_axis.get(core.node, -3)
         num_heads, head_dim = shape[axis], shape[-1]
+        if folded:
+            num_heads = self.source(cs).size // head_dim
         num_tokens = _numel(shape[axis + 1:-1])  # windows x tokens per window, when there are windows
         k_shape = self.interp.shapes.get(core.k) or shape
         num_kv = (_numel(k_shape[axis + 1:-2]) * k_shape[-1]) if core.k_transposed else _numel(k_shape[axis + 1:-1])
@@ -211,6 +215,8 @@ class _Analysis:
             tables = self.sum.get((getattr(core, role), f"{role}:{core.node.name}"), [])
             found = False
             for t in tables:
+                if folded and t.shape[0] % num_heads == 0:
+                    t = t[: num_heads]  # batch-major rows: the first batch element's heads, in order
                 if t.shape[0] != num_heads:
                     continue
                 src, loc = self.decode(t)

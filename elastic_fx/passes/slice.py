@@ -192,10 +192,12 @@ def _kept_dims(interp: LabelInterpreter, lut, chans: List[Any], value: Any) -> A
         return None
     if value.numel() == 0:  # an empty tensor (zero class tokens, say): nothing to remove, every dim stays
         return [torch.ones(s, dtype=torch.bool) for s in value.shape]
+    labelled = [c for c in chans if isinstance(c, torch.Tensor) and c.shape == value.shape]
+    if not labelled:  # no provenance (e.g. a bias computed from q by einsum): nothing to rewrite or check
+        return None
     kept = torch.ones(value.shape, dtype=torch.bool)
-    for c in chans:
-        if isinstance(c, torch.Tensor) and c.shape == value.shape:
-            kept &= lut(c)
+    for c in labelled:
+        kept &= lut(c)
     return [kept.movedim(d, 0).reshape(value.shape[d], -1).any(1) for d in range(value.dim())]
 
 
@@ -326,8 +328,23 @@ def _rewrite_shape_args(n: fx.Node, name: str, info) -> None:
         raise SliceError(f"shape arguments {shape} do not match the output rank {len(old)}")
     for i, a in enumerate(shape):
         if old[i] != new[i] and not (isinstance(a, int) and a == -1):
-            shape[i] = new[i]
+            shape[i] = _scaled_size(n, a, old[i], new[i])
     n.args = (n.args[0], type(n.args[1])(shape)) if packed else (n.args[0], *shape)
+
+
+def _scaled_size(n: fx.Node, a: Any, old: int, new: int) -> Any:
+    """The new size argument: ``new`` itself, or, for a size computed as ``batch * heads`` (heads
+    folded into the batch axis, SAM), the same product with the new head count, so the batch
+    stays dynamic."""
+    if isinstance(a, fx.Node) and a.op == "call_function" and getattr(a.target, "__name__", "") == "mul":
+        x, c = (a.args + (None, None))[:2]
+        if isinstance(x, int) and not isinstance(c, int):
+            x, c = c, x
+        if isinstance(c, int) and c > 0 and old % c == 0 and (new * c) % old == 0:
+            graph = n.graph
+            with graph.inserting_before(n):
+                return graph.call_function(a.target, (x, new * c // old))
+    return new
 
 
 def _rewrite_split(n: fx.Node, info) -> None:

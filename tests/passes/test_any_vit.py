@@ -30,7 +30,7 @@ PATTERNS = {
     "3 inner width != model width": ("hand_wide_inner", "vitp_vit_wide"),
     "4 RoPE from shapes, empty tensors": ("hand_rope_from_shapes", "hf_dinov3"),
     "5 fused attention + FFN projection": ("hand_parallel_block", "timm_vit_xp"),
-    "6 windowed attention": ("hand_shifted_windows", "timm_swin", "torchvision_swin", "timm_hiera"),
+    "6 windowed attention": ("hand_shifted_windows", "timm_swin", "torchvision_swin", "timm_hiera", "timm_sam"),
     "7 lifted constants (torch.export)": ("hand_cached_bias_export", "timm_tiny_vit"),
     "8 head-mixing attention": ("hand_talking_heads", "timm_cait", "vitp_deepvit"),
 }

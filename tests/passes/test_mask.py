@@ -74,6 +74,7 @@ MODELS = {
     "hand_per_head_params": _zoo("hand_per_head_params"),  # per-head q/k scales, temperatures, scalars
     "hand_parallel_block": _zoo("hand_parallel_block"),  # one in-projection for attention and FFN
     "timm_cait": _zoo("timm_cait"),  # talking-heads blocks left out, class attention masked
+    "timm_sam": _zoo("timm_sam"),  # heads folded into the batch: cores left dense, masked at out-proj
 }
 
 _CACHE: dict = {}
