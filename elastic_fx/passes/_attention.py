@@ -157,6 +157,8 @@ def find_mha_nodes(gm: fx.GraphModule) -> List[fx.Node]:
 _CONTRACTIONS = _MATMUL_OPS | {"einsum"}
 _PASS_THROUGH = _CHAIN_OPS | INDEX_OPS
 _WALK = 12  # nodes searched on either side of a softmax
+# ops that combine values across an axis: between q kᵀ and @ v they mix the heads
+_MIXING_OPS = {"linear", "einsum", "matmul", "bmm", "layer_norm", "conv1d", "conv2d", "convolution"}
 
 
 def find_unresolved(gm: fx.GraphModule, cores: List[AttentionCore]) -> List[Tuple[fx.Node, str]]:
@@ -200,10 +202,15 @@ def find_unresolved(gm: fx.GraphModule, cores: List[AttentionCore]) -> List[Tupl
                 mixing.append(y)
         if logits is None or reduce is None:
             continue
-        if mixing:
-            where = ", ".join(f"{op_name(gm, m)} at '{m.name}'" for m in mixing[:3])
+        mixers = [m for m in mixing if op_name(gm, m) in _MIXING_OPS]
+        if mixers:
+            where = ", ".join(f"{op_name(gm, m)} at '{m.name}'" for m in mixers[:3])
             reason = (f"the attention weights at softmax '{n.name}' are mixed across heads ({where}), as in "
                       "talking-heads attention or re-attention: its heads are not independent and are not pruned")
+        elif mixing:
+            where = ", ".join(f"{op_name(gm, m)} at '{m.name}'" for m in mixing[:3])
+            reason = (f"the attention at softmax '{n.name}' passes through {where}, which discovery cannot follow; "
+                      "its heads are not pruned")
         elif _rank(n) == 3:
             reason = (f"the attention at softmax '{n.name}' folds its heads into the batch axis ([batch * heads, "
                       "N, M], as a decomposed nn.MultiheadAttention or SAM's windowed attention does); its heads "
