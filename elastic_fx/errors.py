@@ -11,6 +11,12 @@ class ElasticFxError(Exception):
     """Base class of every user-facing elastic_fx error."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name if empty): for wrapping it."""
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else type(e).__name__
+
+
 class TracingError(ElasticFxError):
     """Neither torch.fx nor torch.export could capture the model."""
 

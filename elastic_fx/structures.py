@@ -171,6 +171,7 @@ class Block:
     index: int
     attention: Optional[AttentionGroup] = None
     mlp: Optional[MlpGroup] = None
+    attention_reason: Optional[str] = None  # an attention found here whose heads are not pruned, and why
 
     def groups(self) -> List[Tuple[str, object]]:
         out = []
@@ -272,6 +273,7 @@ class StructureMap:
                 "head_dim": None if b.attention is None else b.attention.head_dim,
                 "hidden_features": None if b.mlp is None else b.mlp.hidden_features,
                 "mlp_prunable": None if b.mlp is None else b.mlp.prunable,
+                **({"attention_reason": b.attention_reason} if b.attention_reason else {}),
             }
             for b in self.blocks
         ]
@@ -287,6 +289,8 @@ class StructureMap:
             a, m = b.attention, b.mlp
             fl = (a.num_heads * a.flops_per_head if a else 0) + (m.hidden_features * m.flops_per_neuron if m else 0)
             names = f"{a.out_proj if a else '-'} / {m.out_proj if m else '-'}"
+            if b.attention_reason:
+                names += f"  [attention not pruned: {b.attention_reason}]"
             if m is not None and not m.prunable:
                 names += f"  [FFN not prunable: {m.reason}]"
             rows.append(

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 EXAMPLE_INPUTS_META = "elastic_fx.example_inputs"
 TRACER_META = "elastic_fx.tracer"
+MODEL_NAME_META = "elastic_fx.model_name"
 
 _LEAF_MODULES: Set[Type[nn.Module]] = set()
 _NO_TRACE_FUNCTIONS: Set[Callable] = set()
@@ -138,6 +139,28 @@ def _trace_export(model: nn.Module, example_inputs: Tuple[Any, ...]) -> fx.Graph
     return ep.module()
 
 
+def _opaque_weight_calls(gm: fx.GraphModule) -> list:
+    """Python functions fx kept opaque (``torch.fx.wrap``) that take weights: structures hide inside."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target in _NO_TRACE_FUNCTIONS:
+            continue
+        mod = getattr(n.target, "__module__", "") or ""
+        if mod.split(".")[0] in ("torch", "_operator", "operator", "math", "builtins"):
+            continue
+        weights = [a for a in n.all_input_nodes if a.op == "get_attr"]
+        if any(_attr_dim(gm, a.target) >= 2 for a in weights):
+            out.append(getattr(n.target, "__name__", str(n.target)))
+    return out
+
+
+def _attr_dim(gm: fx.GraphModule, target: str) -> int:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj.dim() if isinstance(obj, torch.Tensor) else 0
+
+
 def trace(
     model: nn.Module,
     example_inputs: Optional[Sequence[Any]] = None,
@@ -169,8 +192,16 @@ def trace(
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
 
-    with torch.no_grad():
-        expected = model(*example_inputs)
+    try:
+        with torch.no_grad():
+            expected = model(*example_inputs)
+    except Exception as e:  # the model itself fails: no tracer can help, say so before trying any
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+        raise TracingError(
+            f"{type(model).__name__} fails on the example inputs {shapes} before any tracing "
+            f"({type(e).__name__}: {_first_line(e)}); pass example_inputs the model accepts, e.g. "
+            "efx.trace(model, (torch.randn(2, 3, H, W),)) at its own input size"
+        ) from e
     _check_finite(model, example_inputs, expected)
     tracers = {"fx": _trace_fx, "export": _trace_export}
     order = ["fx", "export"] if method == "auto" else [method]
@@ -183,12 +214,23 @@ def trace(
             mismatch = _outputs_match(expected, got)
             if mismatch is not None:
                 raise RuntimeError(f"traced module does not reproduce the model: {mismatch}")
+            hidden = _opaque_weight_calls(gm) if name == "fx" and method == "auto" else []
+            if hidden:  # e.g. torchvision's shifted_window_attention: torch.export sees inside
+                try:
+                    alt = _trace_export(model, example_inputs)
+                    with torch.no_grad():
+                        if _outputs_match(expected, alt(*example_inputs)) is None:
+                            log.info("fx kept %s opaque; using torch.export, which traces into it", hidden)
+                            gm, name = alt, "export"
+                except Exception:
+                    log.debug("torch.export failed; keeping the fx graph with %s opaque", hidden, exc_info=True)
         except Exception as e:  # each tracer fails in its own ways; we report them all
             reasons[name] = f"{type(e).__name__}: {_first_line(e)}"
             log.debug("%s tracing failed", name, exc_info=True)
             continue
         gm.meta[EXAMPLE_INPUTS_META] = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in example_inputs)
         gm.meta[TRACER_META] = name
+        gm.meta[MODEL_NAME_META] = type(model).__name__
         _carry_preprocess(model, gm)
         log.info("traced %s with %s (%d nodes)", type(model).__name__, name, len(gm.graph.nodes))
         return gm
@@ -230,6 +272,11 @@ def _carry_preprocess(model: nn.Module, gm: fx.GraphModule) -> None:
         gm.meta[PREPROCESS_META] = preprocess_config(model)
     except Exception:  # not every model carries a config; callers may pass one explicitly
         log.debug("no preprocessing config found for %s", type(model).__name__, exc_info=True)
+
+
+def model_name(gm: Any) -> str:
+    """The traced model's class name (a torch.export GraphModule's own class says nothing)."""
+    return getattr(gm, "meta", {}).get(MODEL_NAME_META) or type(gm).__name__
 
 
 def example_inputs_of(gm: fx.GraphModule) -> Tuple[Any, ...]:

@@ -9,6 +9,7 @@ forward pre-hooks, and measured from their weights and the activations they see.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from typing import Dict, List, Tuple
 
@@ -180,6 +181,9 @@ def test_entry_builds_runs_and_matches_ground_truth(name: str) -> None:
     sd1, sd2 = model.state_dict(), model2.state_dict()
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     assert all(torch.equal(a, b) for a, b in zip(inputs, inputs2))
+    if not entry.introspect:  # the module walk cannot read this family: the configuration is the truth
+        assert entry.notes and entry.total_heads > 0 and entry.total_hidden > 0
+        return
 
     blocks = _observed_blocks(model, inputs)
     observed = {key: [b[key] for b in blocks] for key in ("heads", "head_dim", "hidden", "prunable", "gated",
@@ -198,6 +202,8 @@ def test_entry_builds_runs_and_matches_ground_truth(name: str) -> None:
 @pytest.mark.parametrize("name", params())
 def test_every_attention_and_ffn_changes_the_output(name: str) -> None:
     """liven() makes each residual branch matter, so a wrong slice cannot hide under atol."""
+    if not ZOO[name].introspect:
+        pytest.skip("the module walk cannot find this family's projections (tests/passes cover it on the graph)")
     model, inputs, ref = _built(name)
     projs = _out_projections(model)
     assert len(projs) == sum(h is not None for h in ZOO[name].heads) + sum(h is not None for h in ZOO[name].hidden)
@@ -219,13 +225,18 @@ def test_every_attention_and_ffn_changes_the_output(name: str) -> None:
 def test_expected_tracer(name: str) -> None:
     entry = ZOO[name]
     model, inputs, ref = _built(name)
-    if entry.tracer == "fx":
-        gm = torch.fx.symbolic_trace(model)
+    if entry.tracer == "fx" or entry.fx_opaque:
+        # keyword arguments left at their defaults are baked in, as elastic_fx's tracer does (Hiera's
+        # forward takes mask=None and branches on it)
+        sig = inspect.signature(model.forward).parameters.values()
+        concrete = {p.name: p.default for p in list(sig)[1:] if p.default is not inspect.Parameter.empty}
+        gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
         gm.graph.lint()
         _assert_same(output_tensors(gm(*inputs)), ref)
-    else:
-        with pytest.raises(Exception):
-            torch.fx.symbolic_trace(model)
+    if entry.tracer == "export":
+        if not entry.fx_opaque:
+            with pytest.raises(Exception):
+                torch.fx.symbolic_trace(model)
         ep = torch.export.export(model, inputs, strict=False)
         _assert_same(output_tensors(ep.module()(*inputs)), ref)
 
@@ -243,7 +254,12 @@ def test_zoo_covers_the_required_families() -> None:
     assert any(False in e.mlp_prunable for e in entries) and any(True in e.gated for e in entries)
     assert any(len(set(e.heads)) > 1 for e in entries)  # per-block head counts differ somewhere
     assert any(t != kv for e in entries for t, kv in zip(e.tokens, e.kv_tokens))  # attention pooling
-    assert set(names("export")) == set(names(family="hf"))
+    assert set(names(family="hf")) <= set(names("export"))
+    # issue 14: a hand-written model and a third-party one per pattern
+    assert {"hand_wide_inner", "vitp_vit_wide", "hand_per_head_params", "vitp_qk_norm", "hand_parallel_block",
+            "timm_vit_xp", "hand_relpos_tables", "timm_vit_relpos", "hf_beit_relpos", "hand_rope_from_shapes",
+            "hf_dinov3", "timm_swin", "torchvision_swin", "hand_cached_bias_export", "timm_tiny_vit",
+            "hand_talking_heads", "timm_cait", "vitp_deepvit", "hand_shifted_windows"} <= set(ZOO)
     for e in entries:
         assert e.blocks == len(e.heads) and e.total_heads > 0 and e.total_hidden > 0
 

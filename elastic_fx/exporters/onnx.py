@@ -125,6 +125,9 @@ class _FlatOutputs(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.index = index
+        # the inner module's mode, not a fresh module's training=True: torch.onnx restores the
+        # wrapper's mode recursively after exporting, which would leave ``inner`` in training mode
+        self.training = inner.training
 
     def forward(self, x: torch.Tensor):  # noqa: D102 - see class docstring
         flat = [t for _, t in _flatten_tensors(self.inner(x))]

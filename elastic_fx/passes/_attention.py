@@ -26,11 +26,11 @@ from typing import Any, List, Optional, Tuple
 
 import torch.fx as fx
 
-from ._labels import ADD_LIKE, MUL_LIKE, SDPA_OPS, SOFTMAX_OPS, UNARY_POINTWISE, op_name
+from ._labels import ADD_LIKE, INDEX_OPS, MUL_LIKE, SDPA_OPS, SOFTMAX_OPS, UNARY_POINTWISE, data_nodes, op_name
 from ._mha import MHA_TYPES, SlicedMultiheadAttention, mha_forward, mha_head_rows
 
 __all__ = [
-    "AttentionCore", "CoreCall", "MHA_TYPES", "SlicedMultiheadAttention", "find_cores", "find_mha_nodes",
+    "AttentionCore", "CoreCall", "MHA_TYPES", "SlicedMultiheadAttention", "find_cores", "find_mha_nodes", "find_unresolved",
     "mha_forward", "mha_head_rows", "plain_attention",
 ]
 
@@ -41,6 +41,9 @@ _CHAIN_OPS = UNARY_POINTWISE | MUL_LIKE | ADD_LIKE | {"identity"}
 # ops allowed between softmax and the ``@ v`` of a replaceable core: no-ops at inference
 _PROB_PASSTHROUGH = {"identity", "dropout", "to", "type_as", "_to_copy", "float", "contiguous", "clone"}
 _SCALE_OPS = {"mul", "rmul", "div", "truediv"}
+# reshapes of the logits between q @ kᵀ and softmax: shifted-window attention views them
+# as [B, windows, H, N, N] to add the shift mask, and back
+_LOGIT_VIEWS = {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "contiguous"}
 
 
 @dataclass
@@ -87,6 +90,7 @@ def _bind_sdpa(node: fx.Node) -> dict:
 def find_cores(gm: fx.GraphModule) -> List[AttentionCore]:
     """Every SDPA call and explicit softmax chain of ``gm``, in graph order."""
     cores = []
+    data = None
     for n in gm.graph.nodes:
         name = op_name(gm, n)
         if name in SDPA_OPS:
@@ -96,22 +100,33 @@ def find_cores(gm: fx.GraphModule) -> List[AttentionCore]:
             q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
             cores.append(AttentionCore(n, q, k, v, False, "sdpa", extras))
         elif name in SOFTMAX_OPS:
-            core = _explicit_core(gm, n)
+            if data is None:
+                data = data_nodes(gm)
+            core = _explicit_core(gm, n, data)
             if core is not None:
                 cores.append(core)
     return cores
 
 
-def _explicit_core(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionCore]:
-    """softmax(f(q @ kᵀ)) -> g(...) @ v, with f, g chains of pointwise ops."""
+def _explicit_core(gm: fx.GraphModule, softmax: fx.Node, data: set) -> Optional[AttentionCore]:
+    """softmax(f(q @ kᵀ)) -> g(...) @ v, with f, g chains of pointwise ops.
+
+    ``f`` follows the operand computed from the inputs (``data``); tensors added to the
+    logits, or multiplying them (a per-head temperature), are the core's extras.
+    """
     extras: List[fx.Node] = []
     pre: List[fx.Node] = []
     x = softmax.args[0] if softmax.args else None
-    while isinstance(x, fx.Node) and op_name(gm, x) in _CHAIN_OPS:
+    while isinstance(x, fx.Node) and (op_name(gm, x) in _CHAIN_OPS or op_name(gm, x) in _LOGIT_VIEWS):
         ins = list(x.all_input_nodes)
+        if op_name(gm, x) in _LOGIT_VIEWS:  # the other inputs are sizes read from shapes
+            ins = [x.args[0]] if x.args and isinstance(x.args[0], fx.Node) else []
         if not ins:
             return None
-        if op_name(gm, x) in ADD_LIKE:
+        if op_name(gm, x) in ADD_LIKE | MUL_LIKE and len(ins) > 1:
+            on_data = [a for a in ins if a in data]
+            if on_data and on_data[0] is not ins[0]:  # the logits are the second operand
+                ins = [on_data[0]] + [a for a in ins if a is not on_data[0]]
             extras.extend(ins[1:])
         pre.append(x)
         x = ins[0]
@@ -136,6 +151,88 @@ def _explicit_core(gm: fx.GraphModule, softmax: fx.Node) -> Optional[AttentionCo
 def find_mha_nodes(gm: fx.GraphModule) -> List[fx.Node]:
     """``call_module`` nodes of ``nn.MultiheadAttention`` (or sliced) leaves, in graph order."""
     return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), MHA_TYPES)]
+
+
+# ----------------------------------------------------------------------------- attention we leave out
+_CONTRACTIONS = _MATMUL_OPS | {"einsum"}
+_PASS_THROUGH = _CHAIN_OPS | INDEX_OPS
+_WALK = 12  # nodes searched on either side of a softmax
+# ops that combine values across an axis: between q kᵀ and @ v they mix the heads
+_MIXING_OPS = {"linear", "einsum", "matmul", "bmm", "layer_norm", "conv1d", "conv2d", "convolution"}
+
+
+def find_unresolved(gm: fx.GraphModule, cores: List[AttentionCore]) -> List[Tuple[fx.Node, str]]:
+    """Softmaxes between two data contractions (``q kᵀ`` ... ``@ v``) that are no core, and why.
+
+    These are attention operations whose heads cannot be pruned one by one: most often the
+    attention weights are mixed across heads between the two contractions (talking-heads
+    attention projects the logits and the probabilities over heads, re-attention multiplies
+    them by a heads x heads matrix), or the contractions are written in a form the core
+    finder does not read (``einsum``). Returns ``(softmax node, reason)`` in graph order.
+    """
+    used = {c.softmax for c in cores if c.softmax is not None}
+    data = data_nodes(gm)
+    out = []
+    for n in gm.graph.nodes:
+        if op_name(gm, n) not in SOFTMAX_OPS or n in used or not n.all_input_nodes:
+            continue
+        mixing: List[fx.Node] = []
+        x, logits = n.all_input_nodes[0], None
+        for _ in range(_WALK):  # back to q kᵀ along the data path
+            if _is_contraction(gm, x, data):
+                logits = x
+                break
+            if op_name(gm, x) not in _PASS_THROUGH:
+                mixing.append(x)
+            ins = [a for a in x.all_input_nodes if a in data]
+            if not ins:
+                break
+            x = ins[0]
+        y, reduce = n, None
+        for _ in range(_WALK):  # forward to probabilities @ v
+            users = [u for u in y.users if not op_name(gm, u).startswith("_assert")]
+            hits = [u for u in users if _is_contraction(gm, u, data)]
+            if hits:  # the weights may be returned as well (need_weights=True)
+                reduce = hits[0]
+                break
+            if len(users) != 1:
+                break
+            y = users[0]
+            if op_name(gm, y) not in _PASS_THROUGH:
+                mixing.append(y)
+        if logits is None or reduce is None:
+            continue
+        mixers = [m for m in mixing if op_name(gm, m) in _MIXING_OPS]
+        if mixers:
+            where = ", ".join(f"{op_name(gm, m)} at '{m.name}'" for m in mixers[:3])
+            reason = (f"the attention weights at softmax '{n.name}' are mixed across heads ({where}), as in "
+                      "talking-heads attention or re-attention: its heads are not independent and are not pruned")
+        elif mixing:
+            where = ", ".join(f"{op_name(gm, m)} at '{m.name}'" for m in mixing[:3])
+            reason = (f"the attention at softmax '{n.name}' passes through {where}, which discovery cannot follow; "
+                      "its heads are not pruned")
+        elif _rank(n) == 3:
+            reason = (f"the attention at softmax '{n.name}' folds its heads into the batch axis ([batch * heads, "
+                      "N, M], as a decomposed nn.MultiheadAttention or SAM's windowed attention does); its heads "
+                      "are not pruned")
+        else:
+            reason = (f"the attention at softmax '{n.name}' is computed with {op_name(gm, logits)} and "
+                      f"{op_name(gm, reduce)} in a form whose heads cannot be read; its heads are not pruned")
+        out.append((n, reason))
+    return out
+
+
+def _rank(n: fx.Node) -> Optional[int]:
+    """The rank of ``n``'s value when the tracer recorded it (torch.export does), else None."""
+    val = n.meta.get("val", n.meta.get("tensor_meta"))
+    shape = getattr(val, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _is_contraction(gm: fx.GraphModule, n: fx.Node, data: set) -> bool:
+    if op_name(gm, n) not in _CONTRACTIONS:
+        return False
+    return sum(1 for a in n.all_input_nodes if a in data) >= 2
 
 
 # ----------------------------------------------------------------------------- plain attention

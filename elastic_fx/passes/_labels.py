@@ -12,8 +12,11 @@ Each source owns a disjoint id range, so one int64 says "feature f of source s".
 Labels flow through *index ops* (view, permute, chunk, cat, getitem ...) by running the very
 same op on the label tensors, and through *pointwise ops* (activations, scaling, gating,
 adding a bias) unchanged. They stop at anything that mixes features (a linear, a matmul,
-a convolution), and at a residual ``add`` of two unrelated streams. Norm layers pass labels
-on but are recorded, so callers can check whether they mix structures.
+a convolution), and at a residual ``add`` of two unrelated streams (a tensor broadcast
+against the labelled one, a shift mask, is not a stream). Norm layers pass labels on but are
+recorded, so callers can check whether they mix structures. Constant padding adds unlabelled
+(-1) entries; resampling (interpolate) gives each output its nearest input's label; a
+reduction over positions (amax, mean ...) keeps labels that do not vary along it.
 
 The same code reads torch.fx graphs (``call_module`` Linears, Tensor methods) and
 torch.export graphs (``aten.*`` overloads), because ops are classified by name and the
@@ -70,6 +73,14 @@ ACTIVATIONS = {
 MUL_LIKE = {"mul", "mul_", "imul", "div", "div_", "truediv", "itruediv", "floordiv", "rmul", "rtruediv"}
 ADD_LIKE = {"add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "radd", "where", "addcmul", "lerp"}
 NORM_OPS = {"layer_norm", "rms_norm", "group_norm", "native_layer_norm", "normalize"}
+# resampling that keeps the channel axis (a per-head table interpolated to another window size)
+RESAMPLE_OPS = {
+    "interpolate", "upsample", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_nearest2d",
+    "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "upsample_linear1d", "upsample_nearest1d",
+}
+PAD_OPS = {"pad", "constant_pad_nd"}
+# reductions that keep features apart when they run over positions (Hiera's query pooling)
+REDUCE_OPS = {"amax", "amin", "mean", "sum"}
 SOFTMAX_OPS = {"softmax", "_softmax", "_safe_softmax"}
 SDPA_OPS = {"scaled_dot_product_attention"}
 
@@ -220,6 +231,7 @@ class LabelInterpreter(fx.Interpreter):
         self.shapes: Dict[fx.Node, Any] = {}
         self.norms: Dict[fx.Node, List[torch.Tensor]] = {}  # first normalised row of each channel
         self.nonlinear: set = set()  # sources whose features passed an activation or a gate
+        self.core_axis: Dict[fx.Node, int] = {}  # the heads' axis of each core output (negative)
         self._next = 0
         self._bases: Optional[np.ndarray] = None
         self._decoded: Dict[int, Any] = {}
@@ -264,10 +276,48 @@ class LabelInterpreter(fx.Interpreter):
         if chans:
             self.labels[n] = chans
         for key, fn in self.watch.fns.get(n, ()):
-            self.summaries[(n, key)] = fn(n, value, chans)
+            try:
+                self.summaries[(n, key)] = fn(n, value, chans)
+            except Exception:  # a summary that does not apply (empty or odd tensors): no summary
+                log.debug("no summary %s at %s", key, n.format_node(), exc_info=True)
         for dead in self.user_to_last_uses.get(n, ()):
             self.labels.pop(dead, None)
         return value
+
+    def _core_axis(self, n: fx.Node, value: torch.Tensor) -> int:
+        """The heads' axis of a core's output: where v's labels vary ([..., H, N, d]: -3;
+        Hiera's mask-unit attention [B, H, windows, N, d]: -4)."""
+        v = self._value_labels(n)
+        if v is not None and v.dim() == value.dim():
+            axis = head_axis(v, (-2, -1))
+            if axis is not None:
+                return axis
+        return -3
+
+    def _value_labels(self, n: fx.Node) -> Optional[torch.Tensor]:
+        if op_name(self.module, n) in SDPA_OPS:
+            v = n.kwargs.get("value", n.args[2] if len(n.args) > 2 else None)
+        else:  # probabilities @ v
+            v = n.args[1] if len(n.args) > 1 else None
+        chans = self.labels.get(v, []) if isinstance(v, fx.Node) else []
+        return chans[0] if chans and isinstance(chans[0], torch.Tensor) else None
+
+    def _folded_heads(self, n: fx.Node, value: torch.Tensor) -> Optional[torch.Tensor]:
+        """Heads folded into the batch axis: per row of v ``[batch * heads, M, d]``, its head
+        (rows with the same features are one head, numbered in order of first appearance)."""
+        v = self._value_labels(n)
+        if v is None or v.dim() != 3 or v.shape[0] != value.shape[0] or bool((v < 0).any()):
+            return None
+        rows = v[:, 0, :]
+        uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        h = uniq.shape[0]
+        if h < 2 or rows.shape[0] % h:
+            return None
+        first = torch.full((h,), rows.shape[0], dtype=torch.long).scatter_reduce(
+            0, inverse, torch.arange(rows.shape[0]), reduce="amin")
+        rank = torch.empty(h, dtype=torch.long)
+        rank[torch.argsort(first)] = torch.arange(h)
+        return rank[inverse]
 
     # -- label rules
     def _labels_for(self, n: fx.Node, value: Any) -> List[Any]:
@@ -275,10 +325,22 @@ class LabelInterpreter(fx.Interpreter):
             li = self.linears[n]
             base = self._new_source("linear", n, li.out_features)
             return [(base + torch.arange(li.out_features, device=LABEL_DEVICE)).expand(value.shape).contiguous()]
+        if n in self.cores and isinstance(value, torch.Tensor) and value.dim() == 3:
+            folded = self._folded_heads(n, value)  # [batch * heads, N, d]: head of each row
+            if folded is not None:
+                h, d = int(folded.max()) + 1, value.shape[-1]
+                self.core_axis[n] = -3
+                base = self._new_source("core", n, h * d)
+                lab = base + folded.view(-1, 1, 1).to(LABEL_DEVICE) * d + torch.arange(d, device=LABEL_DEVICE).view(1, 1, d)
+                return [lab.expand(value.shape).contiguous()]
         if n in self.cores and isinstance(value, torch.Tensor) and value.dim() >= 4:
-            h, d = value.shape[-3], value.shape[-1]
+            axis = self._core_axis(n, value)
+            self.core_axis[n] = axis
+            h, d = value.shape[axis], value.shape[-1]
             base = self._new_source("core", n, h * d)
-            lab = (base + torch.arange(h * d, device=LABEL_DEVICE)).view(h, 1, d)
+            shape = [1] * value.dim()
+            shape[axis], shape[-1] = h, d
+            lab = (base + torch.arange(h * d, device=LABEL_DEVICE)).view(shape)
             return [lab.expand(value.shape).contiguous()]
         if n.op == "get_attr":
             if (
@@ -312,6 +374,35 @@ class LabelInterpreter(fx.Interpreter):
             return chans
         if name in MUL_LIKE or name in ADD_LIKE:
             return self._binary(n, name, value)
+        if name in REDUCE_OPS and isinstance(value, torch.Tensor):  # pooling over positions, not features
+            first = n.all_input_nodes[0]
+            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+            keep = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
+            if dim is None or not isinstance(keep, bool):
+                return []
+            out = []
+            for c in self.labels.get(first, []):
+                if isinstance(c, torch.Tensor):
+                    hi, lo = c.amax(dim, keepdim=keep), c.amin(dim, keepdim=keep)
+                    if torch.equal(hi, lo) and hi.shape == value.shape:
+                        out.append(hi)
+            return out
+        if name in PAD_OPS and isinstance(value, torch.Tensor):  # padded entries come from nowhere: -1
+            first = n.all_input_nodes[0]
+            pad = n.args[1] if len(n.args) > 1 else n.kwargs.get("pad")
+            mode = n.kwargs.get("mode", n.args[2] if len(n.args) > 2 and isinstance(n.args[2], str) else "constant")
+            if mode != "constant":
+                return []
+            out = [torch.nn.functional.pad(c, list(pad), value=-1) for c in self.labels.get(first, [])
+                   if isinstance(c, torch.Tensor)]
+            return [c for c in out if c.shape == value.shape]
+        if name in RESAMPLE_OPS and isinstance(value, torch.Tensor) and value.dim() >= 3:
+            # each output element mixes one channel's inputs: its label is the nearest input's
+            first = n.all_input_nodes[0]
+            return [
+                torch.nn.functional.interpolate(c.double(), size=tuple(value.shape[2:]), mode="nearest").long()
+                for c in self.labels.get(first, []) if isinstance(c, torch.Tensor) and c.dim() == value.dim()
+            ]
         return []
 
     def _norm_width(self, n: fx.Node, value: torch.Tensor) -> int:
@@ -356,6 +447,10 @@ class LabelInterpreter(fx.Interpreter):
         lc = [a for a in operands if a not in self.data and a in self.labels]
         if name in ADD_LIKE and len(data_ops) >= 2:
             if len(ld) != len(data_ops):
+                others = [a for a in data_ops if a not in self.labels]
+                if ld and all(_smaller(self.env.get(a), value) for a in others):
+                    # a mask broadcast over the labelled tensor (shifted-window attention), not a stream
+                    return self._fit([c for a in ld for c in self.labels[a]], value)
                 return []  # residual: a labelled stream plus an unrelated one
             srcs = [self._source_set(self.labels[a]) for a in ld]
             if not set.intersection(*srcs):
@@ -415,6 +510,11 @@ class LabelDataError(DiscoveryError):
     """An index the labels must follow has no data here (a model on the 'meta' device)."""
 
 
+def _smaller(t: Any, value: torch.Tensor) -> bool:
+    """``t`` is a tensor broadcast against ``value`` (fewer elements), not a stream of its size."""
+    return isinstance(t, torch.Tensor) and t.numel() < value.numel()
+
+
 def _filler(real: Any, node: fx.Node) -> Any:
     """Unlabelled floating data becomes -1 labels; indices, masks and non-tensors stay real.
 
@@ -450,17 +550,41 @@ def _same_structure(lab: Any, val: Any) -> bool:
     return True
 
 
-def head_table(chans: Sequence[Any], head_axis: int, dim_axis: int) -> List[torch.Tensor]:
-    """For q/k/v-like labels, one ``[H, d]`` id table per channel (first batch / token)."""
+def head_axis(c: torch.Tensor, skip: Tuple[int, int]) -> Optional[int]:
+    """The one axis (negative), besides ``skip``, along which labels vary: the heads' axis.
+
+    When none varies (one head): the last axis of size 1 after the batch, else -3. None when
+    several vary.
+    """
+    r = c.dim()
+    skipped = {s % r for s in skip}
+    varying = [a for a in range(r) if a not in skipped and c.shape[a] > 1 and not bool((c == c.narrow(a, 0, 1)).all())]
+    if len(varying) == 1:
+        return varying[0] - r
+    if varying:
+        return None
+    ones = [a for a in range(1, r) if a not in skipped and c.shape[a] == 1]
+    return ones[-1] - r if ones else -3
+
+
+def head_table(chans: Sequence[Any], axis: Optional[int], dim_axis: int) -> List[torch.Tensor]:
+    """For q/k/v-like labels, one ``[H, d]`` id table per channel (first batch / token).
+
+    ``axis`` is the heads' axis; None: the axis along which the labels vary (:func:`head_axis`).
+    """
     out = []
     for c in chans:
         if not isinstance(c, torch.Tensor) or c.dim() < 3:
             continue
+        token_axis = -2 if dim_axis % c.dim() == c.dim() - 1 else -1
+        found = axis if axis is not None else head_axis(c, (dim_axis, token_axis))
+        if found is None:
+            continue
         idx = [0] * c.dim()
-        idx[head_axis] = slice(None)
+        idx[found] = slice(None)
         idx[dim_axis] = slice(None)
         t = c[tuple(idx)]
-        if head_axis % c.dim() > dim_axis % c.dim():
+        if found % c.dim() > dim_axis % c.dim():
             t = t.t()
         out.append(t.clone())
     return out

@@ -14,8 +14,17 @@ No module names, no per-family adapters. The pass
 4. orders everything into blocks by execution order, and finds the pooled embedding.
 
 Head count and head_dim are read from the shapes the graph computes at the core
-(``[..., heads, tokens, head_dim]``), never assumed. An FFN whose hidden activations are
-normalised across neurons (a LayerNorm over the hidden dim) is recorded as not prunable.
+(``[..., heads, tokens, head_dim]``; the heads' axis is where the labels vary, so
+``[B, heads, windows, tokens, head_dim]`` reads too), never assumed. Parameters that meet the
+heads or neurons elementwise (a per-head q/k scale or temperature, a hidden bias added after
+its projection) are sliced with them. An FFN whose hidden activations are normalised across
+neurons (a LayerNorm over the hidden dim) is recorded as not prunable. An attention operation
+found but not prunable (heads mixed across, folded into the batch, a per-head table shared by
+several blocks ...) still opens its block, with the reason in ``Block.attention_reason`` (shown
+by ``summary()`` and logged); its FFN is pruned as usual.
+
+Any failure inside the analysis is raised as a :class:`~elastic_fx.errors.DiscoveryError`
+naming the model.
 
 Takes a GraphModule from :func:`elastic_fx.trace` (it runs it once on the example inputs
 stored in its meta); returns a :class:`~elastic_fx.structures.StructureMap`. What it
@@ -34,17 +43,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import DiscoveryError
+from ..errors import DiscoveryError, ElasticFxError, first_line
 from ..structures import STRUCTURE_META, AttentionGroup, Block, MlpGroup, ParamSlice, StructureMap, structures_of
-from ..tracing import TRACER_META, example_inputs_of, trace
-from ._attention import AttentionCore, find_cores, find_mha_nodes, mha_head_rows
-from ._labels import LabelInterpreter, LinearInfo, Watch, _fetch_attr, find_linears, head_table, op_name
+from ..tracing import TRACER_META, example_inputs_of, model_name, trace
+from ._attention import AttentionCore, find_cores, find_mha_nodes, find_unresolved, mha_head_rows
+from ._labels import (
+    ADD_LIKE, MUL_LIKE, LabelInterpreter, LinearInfo, Watch, _fetch_attr, data_nodes, find_linears, head_table, op_name,
+)
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- summaries
-def _sum_heads(head_axis: int, dim_axis: int):
+def _sum_heads(head_axis: Optional[int], dim_axis: int):
     def fn(node, value, chans):
         return head_table(chans, head_axis, dim_axis)
 
@@ -90,16 +101,89 @@ class _Analysis:
             if li.bias_node is not None:
                 watch.add(li.bias_node, f"bias:{li.node.name}", _sum_vector)
         for c in self.cores:
-            watch.add(c.q, f"q:{c.node.name}", _sum_heads(-3, -1))
-            watch.add(c.k, f"k:{c.node.name}", _sum_heads(-3, -2) if c.k_transposed else _sum_heads(-3, -1))
-            watch.add(c.v, f"v:{c.node.name}", _sum_heads(-3, -1))
+            # the heads' axis is read from the labels (-3 for [..., H, N, d]; -4 with a windows axis)
+            watch.add(c.q, f"q:{c.node.name}", _sum_heads(None, -1))
+            watch.add(c.k, f"k:{c.node.name}", _sum_heads(None, -2) if c.k_transposed else _sum_heads(None, -1))
+            watch.add(c.v, f"v:{c.node.name}", _sum_heads(None, -1))
             for e in c.extras:
                 watch.add(e, f"extra:{c.node.name}", _sum_per_head)
+        # parameters (or tensors computed from them) multiplied into or added to the data:
+        # per-head q/k norm scales, per-head temperatures, per-head gates ...
+        self.data = data = data_nodes(gm)
+        self.scalings: List[fx.Node] = []
+        for n in gm.graph.nodes:
+            if op_name(gm, n) in MUL_LIKE | ADD_LIKE and any(a not in data for a in n.all_input_nodes) and any(
+                a in data for a in n.all_input_nodes
+            ):
+                watch.add(n, "pairs", self._sum_pairs)
+                self.scalings.append(n)
         self.interp = LabelInterpreter(gm, self.linears, {c.node for c in self.cores}, watch)
         with torch.no_grad():
             self.interp.run(*example_inputs_of(gm))
         self.sum = self.interp.summaries
         self.src_of = {(s.kind, s.key): i for i, s in enumerate(self.interp.sources)}
+
+    def _sum_pairs(self, node, value, chans):
+        """Unique (data id, parameter id) pairs an elementwise op combines, or None."""
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return None
+        labels = self.interp.labels
+        data = self.interp.data
+        d = [labels[a][0] for a in node.all_input_nodes if a in data and a in labels and isinstance(labels[a][0], torch.Tensor)]
+        c = [labels[a][0] for a in node.all_input_nodes if a not in data and a in labels and isinstance(labels[a][0], torch.Tensor)]
+        if not d or not c:
+            return None
+        try:
+            dl, cl = d[0].expand(value.shape), c[0].expand(value.shape)
+        except RuntimeError:
+            return None
+        if value.dim() >= 2:  # labels never depend on the batch position
+            dl, cl = dl[0], cl[0]
+        pairs = torch.stack([dl.reshape(-1), cl.reshape(-1)])
+        pairs = pairs[:, (pairs >= 0).all(0)]
+        return torch.unique(pairs, dim=1) if pairs.numel() else None
+
+    def per_structure_params(self, owners: Dict[int, torch.Tensor], n: int, what: str,
+                             skip: Sequence[str] = ()) -> Optional[List[ParamSlice]]:
+        """Parameters combined elementwise with the structures' features, sliced per structure.
+
+        ``owners`` maps a label source to the owning structure of each of its features. A
+        parameter element met by one structure only is that structure's; one met by all of
+        them is shared (broadcast, nothing to slice). Returns None (with a note) for a
+        parameter that is neither.
+        """
+        per_param: Dict[int, List[set]] = {}
+        for node in self.scalings:
+            pairs = self.sum.get((node, "pairs"))
+            if pairs is None:
+                continue
+            dsrc, dloc = self.decode(pairs[0])
+            psrc, ploc = self.decode(pairs[1])
+            head = torch.full(dsrc.shape, -1, dtype=torch.long)
+            for s, own in owners.items():
+                m = dsrc == s
+                head[m] = own[dloc[m]]
+            hit = (head >= 0) & (psrc >= 0)
+            for ps in psrc[hit].unique().tolist():
+                if self.source(ps).kind != "param" or self.source(ps).key in skip:
+                    continue
+                m = hit & (psrc == ps)
+                sets = per_param.setdefault(ps, [set() for _ in range(n)])
+                for h, e in zip(head[m].tolist(), ploc[m].tolist()):
+                    sets[h].add(e)
+        out = []
+        for ps, sets in per_param.items():
+            name = self.source(ps).key
+            if all(st == sets[0] for st in sets):
+                continue  # shared by every structure (a q-norm weight over head_dim, a scalar)
+            elems = [torch.tensor(sorted(st), dtype=torch.long) if st else None for st in sets]
+            sl = _slice_from_element_sets(name, self.param_shape(name), elems)
+            if sl is None:
+                self.notes.append(f"{what}: parameter '{name}' is combined with several structures but cannot "
+                                  "be split by structure; not pruned")
+                return None
+            out.append(sl)
+        return out
 
     # -- helpers
     def param_shape(self, name: str) -> Tuple[int, ...]:
@@ -114,17 +198,25 @@ class _Analysis:
     # -- attention
     def attention(self, core: AttentionCore) -> Optional[Tuple[AttentionGroup, int]]:
         shape = self.interp.shapes.get(core.node)
-        if not shape or len(shape) < 4:
+        cs = self.src_of.get(("core", core.node))
+        folded = bool(shape) and len(shape) == 3 and cs is not None  # [batch * heads, N, d]
+        if not shape or (len(shape) < 4 and not folded):
             self.notes.append(f"attention at node '{core.node.name}' has shape {shape}; heads need [..., H, N, d]")
             return None
-        num_heads, num_tokens, head_dim = shape[-3], shape[-2], shape[-1]
+        axis = self.interp.core_axis.get(core.node, -3)
+        num_heads, head_dim = shape[axis], shape[-1]
+        if folded:
+            num_heads = self.source(cs).size // head_dim
+        num_tokens = _numel(shape[axis + 1:-1])  # windows x tokens per window, when there are windows
         k_shape = self.interp.shapes.get(core.k) or shape
-        num_kv = k_shape[-1] if core.k_transposed else k_shape[-2]
+        num_kv = (_numel(k_shape[axis + 1:-2]) * k_shape[-1]) if core.k_transposed else _numel(k_shape[axis + 1:-1])
         owners: Dict[int, torch.Tensor] = {}  # linear source -> owner head per output row
         for role in ("q", "k", "v"):
             tables = self.sum.get((getattr(core, role), f"{role}:{core.node.name}"), [])
             found = False
             for t in tables:
+                if folded and t.shape[0] % num_heads == 0:
+                    t = t[: num_heads]  # batch-major rows: the first batch element's heads, in order
                 if t.shape[0] != num_heads:
                     continue
                 src, loc = self.decode(t)
@@ -154,17 +246,25 @@ class _Analysis:
                 return None
             slices.extend(got)
             in_projs.append(li.module)
+        self._out_why = "no linear layer consumes the head outputs"
         out = self._out_proj(core, num_heads, head_dim)
         if out is None:
-            self.notes.append(
-                f"attention at '{core.node.name}': no linear layer consumes the head outputs; its heads are not pruned"
-            )
+            self.notes.append(f"attention at '{core.node.name}': {self._out_why}; its heads are not pruned")
             return None
         out_li, out_slice = out
         slices.append(out_slice)
         extras = self._extras(core, num_heads)
         if extras is None:
             return None
+        cs = self.src_of.get(("core", core.node))
+        head_owners = dict(owners)
+        if cs is not None:
+            head_owners[cs] = torch.arange(num_heads * head_dim) // head_dim
+        per_head = self.per_structure_params(head_owners, num_heads, f"attention at '{core.node.name}'",
+                                             skip=[sl.name for sl in slices + extras])
+        if per_head is None:
+            return None
+        extras = extras + per_head
         slices.extend(extras)
         group = AttentionGroup(
             num_heads=num_heads, head_dim=head_dim, out_proj=out_li.module, in_projs=tuple(in_projs),
@@ -240,6 +340,11 @@ class _Analysis:
                 if not hit.any():
                     continue
                 if not uniform:
+                    self._out_why = (
+                        f"the head outputs reach '{li.module}' in a layout that changes from token to token (an "
+                        "attention over channels, [..., heads, head_dim, tokens], as XCiT's cross-covariance "
+                        "attention, is not read as heads)"
+                    )
                     return None
                 owner = torch.full((li.in_features,), -1, dtype=torch.long)
                 owner[hit] = loc[hit] // head_dim
@@ -256,11 +361,21 @@ class _Analysis:
                 if len(per_head) != num_heads:
                     continue  # broadcast over heads (a plain mask): nothing per head
                 sets: Dict[int, List[torch.Tensor]] = {}
+                rows: Dict[int, torch.Tensor] = {}  # a linear layer producing the table: its rows per head
                 for h, ids in enumerate(per_head):
                     src, loc = self.decode(ids)
                     for s in src.unique().tolist():
                         if s >= 0 and self.source(s).kind == "param":
                             sets.setdefault(s, [None] * num_heads)[h] = loc[src == s]
+                        elif s >= 0 and self.source(s).kind == "linear":
+                            own = rows.setdefault(s, torch.full((self.source(s).size,), -1, dtype=torch.long))
+                            own[loc[src == s]] = h
+                for s, own in rows.items():
+                    li = self.linears[self.source(s).key]
+                    got = self._row_slices(li, own, num_heads, f"attention at '{core.node.name}' (per-head table)")
+                    if got is None:
+                        return None
+                    out.extend(got)
                 for s, elems in sets.items():
                     name = self.source(s).key
                     sl = _slice_from_element_sets(name, self.param_shape(name), elems)
@@ -275,8 +390,8 @@ class _Analysis:
 
     # -- feed-forward
     def mlp(self, li: LinearInfo, attention_out: set) -> Optional[Tuple[MlpGroup, int]]:
-        if li.node in attention_out:
-            return None
+        if li.node in attention_out or li.node not in self.data:
+            return None  # an out-projection, or a linear on constants (a relative-position MLP over coordinates)
         chans = self.sum.get((li.input, f"in:{li.node.name}"), [])
         if not chans:
             return None
@@ -318,6 +433,10 @@ class _Analysis:
                 return None
             slices.extend(got)
             in_projs.append(src_li.module)
+        per_neuron = self.per_structure_params(owners, width, f"FFN into '{li.module}'", skip=[sl.name for sl in slices])
+        if per_neuron is None:
+            return None
+        slices.extend(per_neuron)  # a hidden bias added apart from its projection, a per-neuron scale ...
         slices.append(ParamSlice(li.weight, self.param_shape(li.weight), 1, torch.arange(width).unsqueeze(1)))
         shape = self.interp.shapes.get(li.node)
         batch = self._batch
@@ -453,14 +572,35 @@ def discover(gm: fx.GraphModule) -> StructureMap:
             f"discover() takes the GraphModule returned by efx.trace(model), got {type(gm).__name__}; "
             "call gm = efx.trace(model) first"
         )
+    try:
+        return _discover(gm)
+    except ElasticFxError:
+        raise
+    except Exception as e:  # an op or layout the analysis does not handle: say which model and what to try
+        raise DiscoveryError(
+            f"discovery failed on {model_name(gm)}: {type(e).__name__}: {first_line(e)}. What to try: keep the "
+            "submodule that computes it opaque with efx.register_leaf_module(ThatModule) and trace again (its "
+            "structures are then not pruned); please report the model"
+        ) from e
+
+
+def _discover(gm: fx.GraphModule) -> StructureMap:
     an = _Analysis(gm)
     groups: List[Tuple[int, str, object]] = []
     attention_out = set()
     for core in an.cores:
+        noted = len(an.notes)
         got = an.attention(core)
         if got is not None:
             groups.append((got[1], "attention", got[0]))
             attention_out.update(li.node for li in an.linears.values() if li.module == got[0].out_proj)
+        else:  # found but not prunable: the block still opens here and says why
+            why = an.notes[-1] if len(an.notes) > noted else f"attention at '{core.node.name}' could not be mapped"
+            groups.append((an.order[core.node], "left_out", why))
+    groups = _unshare(groups, an)
+    for softmax, why in find_unresolved(gm, an.cores):
+        an.notes.append(why)
+        groups.append((an.order[softmax], "left_out", why))
     for node in an.mhas:
         g, pos = an.mha(node)
         groups.append((pos, "attention", g))
@@ -468,24 +608,37 @@ def discover(gm: fx.GraphModule) -> StructureMap:
         got = an.mlp(li, attention_out)
         if got is not None:
             groups.append((got[1], "mlp", got[0]))
-    if not any(kind == "attention" for _, kind, _ in groups):
+    if not any(kind == "attention" for _, kind, _ in groups) and not (
+        any(kind == "left_out" for _, kind, _ in groups) and any(kind == "mlp" for _, kind, _ in groups)
+    ):
         raise DiscoveryError(
-            f"no attention heads or FFN neurons found in {type(gm).__name__} "
+            f"no attention heads or FFN neurons found in {model_name(gm)} "
             f"({len(an.linears)} linear layers, {len(an.cores) + len(an.mhas)} attention operations, "
-            f"{len(groups)} feed-forward layer pairs). "
+            f"{sum(kind == 'mlp' for _, kind, _ in groups)} feed-forward layer pairs, "
+            f"{sum(kind == 'left_out' for _, kind, _ in groups)} attention operations left out). "
             "elastic_fx prunes Vision Transformers: blocks of multi-head attention and feed-forward layers. "
             "If this is a ViT whose attention sits inside an opaque module, trace it without registering "
             "that module as a leaf." + (f" Notes: {'; '.join(an.notes)}" if an.notes else "")
         )
-    buffers = {name for name, _ in gm.named_buffers()}
-    for _, _, g in groups:
-        if any(s.name in buffers for s in g.slices):
-            g.slices = tuple(ParamSlice(s.name, s.shape, s.dim, s.index, s.name in buffers) for s in g.slices)
+    # buffers and plain tensor attributes (torch.export's lifted constants) are sliced but not counted
+    parameters = {name for name, _ in gm.named_parameters()}
+    for _, kind, g in groups:
+        if kind == "left_out":
+            continue
+        if any(s.name not in parameters for s in g.slices):
+            g.slices = tuple(ParamSlice(s.name, s.shape, s.dim, s.index, s.name not in parameters) for s in g.slices)
             g.__post_init__()
     groups.sort(key=lambda g: g[0])
     blocks: List[Block] = []
     for _, kind, g in groups:
-        if kind == "attention" or not blocks or blocks[-1].mlp is not None:
+        if kind == "left_out":  # an attention we leave out opens its block like any other
+            blocks.append(Block(index=len(blocks), attention_reason=g))
+            log.info("block %d: attention not pruned: %s", blocks[-1].index, g)
+            continue
+        opened_empty = bool(blocks) and blocks[-1].attention is None and blocks[-1].mlp is None
+        if kind == "attention" and opened_empty:
+            pass  # a left-out attention right before this one: the same block
+        elif kind == "attention" or not blocks or blocks[-1].mlp is not None:
             blocks.append(Block(index=len(blocks)))
         setattr(blocks[-1], kind, g)
     smap = StructureMap(
@@ -493,12 +646,34 @@ def discover(gm: fx.GraphModule) -> StructureMap:
         total_params=sum(p.numel() for p in gm.parameters()),
         fixed_flops=_fixed_flops(an, blocks),
         embedding=_embedding_node(an, blocks),
-        source=type(gm).__name__,
+        source=model_name(gm),
         notes=an.notes,
     )
     gm.meta[STRUCTURE_META] = smap
     log.info("discovered %d blocks (tracer: %s)", len(blocks), gm.meta.get(TRACER_META, "?"))
     return smap
+
+
+def _unshare(groups: list, an: _Analysis) -> list:
+    """Attention units sharing a per-head parameter (one relative-position MLP for every block,
+    timm's ``vit_srelpos``) cannot keep different heads: leave them out, saying why."""
+    users: Dict[str, List[str]] = {}
+    for _, kind, g in groups:
+        if kind == "attention":
+            for name in {s.name for s in g.slices}:
+                users.setdefault(name, []).append(g.core)
+    out = []
+    for pos, kind, g in groups:
+        shared = sorted({s.name for s in g.slices if len(users[s.name]) > 1}) if kind == "attention" else []
+        if shared:
+            why = (f"attention at '{g.core}' shares the per-head parameter '{shared[0]}' with "
+                   f"{len(users[shared[0]]) - 1} other attention unit(s); heads sharing one table cannot be removed "
+                   "block by block, so its heads are not pruned")
+            an.notes.append(why)
+            out.append((pos, "left_out", why))
+        else:
+            out.append((pos, kind, g))
+    return out
 
 
 def _fixed_flops(an: _Analysis, blocks: List[Block]) -> int:

@@ -567,6 +567,8 @@ def _plan_core(gm: fx.GraphModule, plan: _Rewrite, bi: int, name: str, cores: Di
         got, why = plain_attention(gm, core, axes.rank(core.node))
     if got is not None and axes(got.q) >= axes.rank(got.q) - 3:
         got, why = None, "its batch is not a leading dim"
+    if got is not None and axes.rank(got.q) > 4:
+        got, why = None, "its q has more than 4 dims (heads beside a windows axis)"
     if got is None:
         plan.notes.append(
             f"block {bi}: attention core '{name}' left dense ({why}); its heads are still masked exactly "

@@ -40,10 +40,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import SliceError
+from ..errors import ElasticFxError, SliceError, first_line
 from ..keep import KeepMask, normalize_keep
 from ..structures import STRUCTURE_META, ParamSlice, StructureMap
-from ..tracing import example_inputs_of
+from ..tracing import example_inputs_of, model_name
 from ._attention import SlicedMultiheadAttention, find_cores, find_mha_nodes
 from ._labels import LabelInterpreter, Watch, _fetch_attr, find_linears, op_name
 
@@ -98,6 +98,19 @@ def slice_pass(gm: fx.GraphModule, smap: StructureMap, keep: Optional[KeepMask])
     """:func:`slice_graph`, returning what it changed as well (a :class:`SliceResult`)."""
     if not isinstance(gm, fx.GraphModule):
         raise SliceError(f"slice() takes a GraphModule from efx.trace(), got {type(gm).__name__}")
+    try:
+        return _slice_pass(gm, smap, keep)
+    except ElasticFxError:
+        raise
+    except Exception as e:  # a bug or an op we do not handle: still a user-facing error, with the cause
+        raise SliceError(
+            f"slicing {model_name(gm)} failed: {type(e).__name__}: {first_line(e)}. "
+            "What to try: check that the structure map comes from efx.discover on this very GraphModule; keep "
+            "the block's heads/neurons whole ({block: {}}) to slice around it; please report the model"
+        ) from e
+
+
+def _slice_pass(gm: fx.GraphModule, smap: StructureMap, keep: Optional[KeepMask]) -> SliceResult:
     full = normalize_keep(smap, keep)
     owners = _slice_owners(smap, full)
     mha_nodes = {n: n.target for n in find_mha_nodes(gm)}
@@ -142,8 +155,10 @@ def _slice_parameters(gm: fx.GraphModule, owners, skip_prefixes: Tuple[str, ...]
         new = new.contiguous().clone()
         if isinstance(old, nn.Parameter):
             setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
-        else:
-            owner.register_buffer(attr, new, persistent=attr in getattr(owner, "_buffers", {}))
+        elif attr in getattr(owner, "_buffers", {}):
+            owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
+        else:  # a plain tensor attribute (torch.export's lifted constants)
+            setattr(owner, attr, new)
         if owner_name in linear_modules and isinstance(owner, nn.Linear):
             owner.out_features, owner.in_features = owner.weight.shape
 
@@ -175,10 +190,14 @@ def _kept_dims(interp: LabelInterpreter, lut, chans: List[Any], value: Any) -> A
         ]
     if not isinstance(value, torch.Tensor):
         return None
+    if value.numel() == 0:  # an empty tensor (zero class tokens, say): nothing to remove, every dim stays
+        return [torch.ones(s, dtype=torch.bool) for s in value.shape]
+    labelled = [c for c in chans if isinstance(c, torch.Tensor) and c.shape == value.shape]
+    if not labelled:  # no provenance (e.g. a bias computed from q by einsum): nothing to rewrite or check
+        return None
     kept = torch.ones(value.shape, dtype=torch.bool)
-    for c in chans:
-        if isinstance(c, torch.Tensor) and c.shape == value.shape:
-            kept &= lut(c)
+    for c in labelled:
+        kept &= lut(c)
     return [kept.movedim(d, 0).reshape(value.shape[d], -1).any(1) for d in range(value.dim())]
 
 
@@ -309,8 +328,23 @@ def _rewrite_shape_args(n: fx.Node, name: str, info) -> None:
         raise SliceError(f"shape arguments {shape} do not match the output rank {len(old)}")
     for i, a in enumerate(shape):
         if old[i] != new[i] and not (isinstance(a, int) and a == -1):
-            shape[i] = new[i]
+            shape[i] = _scaled_size(n, a, old[i], new[i])
     n.args = (n.args[0], type(n.args[1])(shape)) if packed else (n.args[0], *shape)
+
+
+def _scaled_size(n: fx.Node, a: Any, old: int, new: int) -> Any:
+    """The new size argument: ``new`` itself, or, for a size computed as ``batch * heads`` (heads
+    folded into the batch axis, SAM), the same product with the new head count, so the batch
+    stays dynamic."""
+    if isinstance(a, fx.Node) and a.op == "call_function" and getattr(a.target, "__name__", "") == "mul":
+        x, c = (a.args + (None, None))[:2]
+        if isinstance(x, int) and not isinstance(c, int):
+            x, c = c, x
+        if isinstance(c, int) and c > 0 and old % c == 0 and (new * c) % old == 0:
+            graph = n.graph
+            with graph.inserting_before(n):
+                return graph.call_function(a.target, (x, new * c // old))
+    return new
 
 
 def _rewrite_split(n: fx.Node, info) -> None:

@@ -68,6 +68,13 @@ MODELS = {
     "hand_separate_qkv": _zoo("hand_separate_qkv"),  # explicit softmax(q @ kᵀ * s) @ v chain
     "hf_clip_vision": _zoo("hf_clip_vision"),  # explicit chain in an export graph (softmax -> to -> dropout)
     "timm_siglip_map": _zoo("timm_siglip_map"),  # attention pooling: one latent query, all tokens as keys
+    # issue 14
+    "timm_swin": _zoo("timm_swin"),  # windows folded into the batch, shifted-window masks on the logits
+    "timm_hiera": _zoo("timm_hiera"),  # heads beside a windows axis (5-d q): left dense, masked at out-proj
+    "hand_per_head_params": _zoo("hand_per_head_params"),  # per-head q/k scales, temperatures, scalars
+    "hand_parallel_block": _zoo("hand_parallel_block"),  # one in-projection for attention and FFN
+    "timm_cait": _zoo("timm_cait"),  # talking-heads blocks left out, class attention masked
+    "timm_sam": _zoo("timm_sam"),  # heads folded into the batch: cores left dense, masked at out-proj
 }
 
 _CACHE: dict = {}
