@@ -486,11 +486,16 @@ def _packable(gm: fx.GraphModule, ins: List[LinearInfo], outs: List[LinearInfo],
 
 
 def _plan_gathers(gm: fx.GraphModule, plan: _Rewrite, kind: str, bi: int, group, infos: Dict[str, List[LinearInfo]],
-                  axes: _BatchAxes) -> bool:
+                  axes: _BatchAxes, shared: frozenset = frozenset()) -> bool:
     """Plan the per-pair gathered projections of one group; True when its out-projection is
-    gathered on every call (then it needs no mask slot)."""
+    gathered on every call (then it needs no mask slot). Projections in ``shared`` (used by
+    another group too) are left whole."""
+    if group.out_proj in shared:
+        return False
     ins = []
     for name in group.in_projs:
+        if name in shared:
+            continue
         for li in infos.get(name, []):
             owner = _gatherable(gm, li, group, 0, axes)
             if owner is not None:
@@ -522,6 +527,14 @@ def _plan(gm: fx.GraphModule, smap: StructureMap, axes: _BatchAxes, use_kernel: 
     for n, li in find_linears(gm).items():
         by_module.setdefault(li.module, []).append(n)
         infos.setdefault(li.module, []).append(li)
+    # a projection shared by two groups (one fused input projection feeding attention and the
+    # FFN) is not gathered: each group would replace the same node; it runs whole instead
+    uses: Dict[str, int] = {}
+    for b in smap.blocks:
+        for g in (b.attention, b.mlp):
+            for name in set(getattr(g, "in_projs", ()) or ()) | {getattr(g, "out_proj", None)} - {None}:
+                uses[name] = uses.get(name, 0) + 1
+    shared = {name for name, k in uses.items() if k > 1}
     for b in smap.blocks:
         a: Optional[AttentionGroup] = b.attention
         if a is not None and a.kind == "mha":
@@ -535,7 +548,7 @@ def _plan(gm: fx.GraphModule, smap: StructureMap, axes: _BatchAxes, use_kernel: 
             if not lins:
                 plan.notes.append(_off_path(b.index, "attention", a.out_proj))
             else:
-                if not (gather and _plan_gathers(gm, plan, "heads", b.index, a, infos, axes)):
+                if not (gather and _plan_gathers(gm, plan, "heads", b.index, a, infos, axes, shared)):
                     plan.slots.append(("heads", b.index, a, lins))
                 if use_kernel:
                     _plan_core(gm, plan, b.index, a.core, cores, axes)
@@ -545,7 +558,7 @@ def _plan(gm: fx.GraphModule, smap: StructureMap, axes: _BatchAxes, use_kernel: 
             if not lins:
                 plan.notes.append(_off_path(b.index, "FFN", m.out_proj))
             else:
-                if not (gather and _plan_gathers(gm, plan, "neurons", b.index, m, infos, axes)):
+                if not (gather and _plan_gathers(gm, plan, "neurons", b.index, m, infos, axes, shared)):
                     plan.slots.append(("neurons", b.index, m, lins))
     return plan
 
