@@ -98,6 +98,17 @@ class ElasticModel:
             calibration = load_tensor(calibration, resolve_preprocess(self.gm), config.max_images)
         return correct_structures(self.gm, self.smap, keep, calibration, config=config)
 
+    def _budget_meta(self, s: float, keep: dict, source: str, correct: bool) -> Tuple[dict, Dict[str, Any]]:
+        """What one budget achieves, and the metadata its exported files carry."""
+        stats = achieved(self.smap, keep)
+        return stats, {
+            "sparsity": round(stats["sparsity"], 6), "target_sparsity": s, "parameters": stats["params"],
+            "gflops": round(stats["gflops"], 4), "source_model": source,
+            "kept_heads": {b: len(k.get("heads", [])) for b, k in keep.items()},
+            "kept_neurons": {b: len(k.get("neurons", [])) for b, k in keep.items()},
+            "weight_correction": bool(correct),
+        }
+
     def export_onnx(self, out_dir: str | os.PathLike, sparsities: Sequence[float], *, source: str = "",
                     correct: bool = False, calibration: Any = None, correction: Any = None, **kw) -> dict:
         """One validated ONNX file per sparsity plus ``manifest.json``; returns the manifest.
@@ -119,14 +130,7 @@ class ElasticModel:
             entries = []
             for s, keep, name in zip(sparsities, keeps, names):
                 small = self.at(s, correct=correct, calibration=calibration, correction=correction)
-                stats = achieved(self.smap, keep)
-                meta = {
-                    "sparsity": round(stats["sparsity"], 6), "target_sparsity": s, "parameters": stats["params"],
-                    "gflops": round(stats["gflops"], 4), "source_model": source,
-                    "kept_heads": {b: len(k.get("heads", [])) for b, k in keep.items()},
-                    "kept_neurons": {b: len(k.get("neurons", [])) for b, k in keep.items()},
-                    "weight_correction": bool(correct),
-                }
+                stats, meta = self._budget_meta(s, keep, source, correct)
                 report = export_onnx(small, tmp / name, x, metadata=meta, **kw)
                 entries.append({
                     "file": name, "sparsity": meta["sparsity"], "target_sparsity": s,
@@ -183,14 +187,7 @@ class ElasticModel:
             scratch = tmp / ".fp32"
             for s, keep, name in zip(sparsities, keeps, names):
                 small = self.at(s, correct=correct, calibration=calibration, correction=correction)
-                stats = achieved(self.smap, keep)
-                meta = {
-                    "sparsity": round(stats["sparsity"], 6), "target_sparsity": s, "parameters": stats["params"],
-                    "gflops": round(stats["gflops"], 4), "source_model": source,
-                    "kept_heads": {b: len(k.get("heads", [])) for b, k in keep.items()},
-                    "kept_neurons": {b: len(k.get("neurons", [])) for b, k in keep.items()},
-                    "weight_correction": bool(correct),
-                }
+                stats, meta = self._budget_meta(s, keep, source, correct)
                 if pre is not None:
                     meta["preprocess"] = pre.to_dict()
                 base = {"sparsity": meta["sparsity"], "target_sparsity": s, "params": stats["params"],
