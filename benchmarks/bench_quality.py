@@ -851,6 +851,7 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
            "on the test split at the ablation sparsities. Search fitness: on the search half of the fitness images; "
            "selection fitness: on the held-out half (what chooses the winner).", ""]
     md += _ablation_rows(cache, cfg, variants) + [""]
+    md += _validation_search_rows(cache, cfg)
     val = cache.get("validation/ranking")
     if val:
         md += ["## How the defaults were chosen (train-split validation only)", "",
@@ -987,6 +988,58 @@ def validation_defaults(setup: Setup, cfg: QualityConfig, cache: Cache, rankings
     cache.put("validation/ranking", out)
     log.stage("validation of defaults", time.perf_counter() - t0)
     log(f"validation k-NN, global vs separate ranking (c = 1): {out}")
+
+
+def validation_search(setup: Setup, cfg: QualityConfig, cache: Cache, rankings: Dict[str, Any],
+                      variants: Dict[str, Any], log: Log) -> None:
+    """k-NN of the no-search ranking, the main search and every ablation search on VALIDATION images
+    of the train split, at the ablation sparsities: does a search that wins on held-out train images
+    also win on the test split? (Reported only; nothing is chosen on it.)"""
+    if cache.get("validation/search") is not None:
+        return
+    from elastic_fx.passes.mask import build_masked
+    from elastic_fx.search.evaluate import masked_embeddings
+
+    t0 = time.perf_counter()
+    masked, nr, out = build_masked(setup.gm, setup.smap), setup.n_val_ref, {}
+    runs = {"fisher": rankings["fisher"], "elastic": rankings["elastic"],
+            **{f"abl_{k}": v for k, v in variants.items()}}
+    for name, sc in runs.items():
+        keeps = [sc.keep(setup.smap, s) for s in cfg.ablation_sparsities]
+        emb = masked_embeddings(masked, setup.val_x, keeps, batch_size=128)
+        out[name] = {f"{s:.2f}": knn_top1(e[:nr], setup.val_y[:nr], e[nr:], setup.val_y[nr:], k=min(cfg.k, nr))
+                     for s, e in zip(cfg.ablation_sparsities, emb)}
+    cache.put("validation/search", out)
+    log.stage("validation of the searches", time.perf_counter() - t0)
+
+
+def _validation_search_rows(cache: Cache, cfg: QualityConfig) -> List[str]:
+    val = cache.get("validation/search")
+    if not val or "fisher" not in val:
+        return []
+    abl = [f"{s:.2f}" for s in cfg.ablation_sparsities]
+
+    def test(name: str, s: str) -> Optional[float]:
+        return (cache.get(f"eval/{name}/{s}") or {}).get("knn")
+
+    rows = ["## Held-out train images vs the test split", "",
+            f"k-NN minus the no-search ranking's, in points, on validation images of the TRAIN split ({cfg.val_ref} "
+            f"reference, {cfg.val_query} queries; what a user without labelled test data could check) and on the "
+            "test split, at the ablation sparsities. The model was trained on the train split.", "",
+            "| search | " + " | ".join(f"train-val {float(s):.0%}" for s in abl) + " | "
+            + " | ".join(f"test {float(s):.0%}" for s in abl) + " |",
+            "|---|" + "---:|" * (2 * len(abl))]
+    for name, row in val.items():
+        if name == "fisher":
+            continue
+        tv = [_pts(row.get(s), val["fisher"].get(s)) for s in abl]
+        te = [_pts(test(name, s), test("fisher", s)) for s in abl]
+        rows.append(f"| {name} | " + " | ".join(tv) + " | " + " | ".join(te) + " |")
+    return rows + [""]
+
+
+def _pts(a: Optional[float], b: Optional[float]) -> str:
+    return "-" if a is None or b is None else f"{100 * (a - b):+.1f}"
 
 
 def proxy_study(setup: Setup, cfg: QualityConfig, cache: Cache, local: LocalScores, main: Any, record: list,
@@ -1145,6 +1198,7 @@ def run(cfg: QualityConfig, setup: Setup, work_dir: Path, out_dir: Path, mode: s
                                    floors=base.floors, ranking=base.ranking)
             eval_scores(setup, cfg, cache, f"abl_{choose}", sc, cfg.ablation_sparsities, log)
     validation_defaults(setup, cfg, cache, rankings, log)
+    validation_search(setup, cfg, cache, rankings, variants, log)
     proxy_study(setup, cfg, cache, dino, rankings["elastic"], cache.get("trajectory/main") or [], log)
     measure_latency(setup, cfg, cache, rankings, log)
     cache.put("wall_s", (cache.get("wall_s") or 0.0) + time.perf_counter() - t_start)  # summed over resumed runs
