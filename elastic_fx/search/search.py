@@ -155,8 +155,8 @@ class SearchConfig:
 
 
 #: Settings a checkpoint must share with the run that resumes it.
-_RESUME_KEYS = ("sparsities", "seed", "popsize", "fitness", "temperature", "pca_dim", "space", "sigma0", "eta_sigma", "ranking",
-                "head_offset", "selection_fraction", "cka_init")
+_RESUME_KEYS = ("sparsities", "seed", "popsize", "fitness", "temperature", "pca_dim", "space", "sigma0", "eta_sigma",
+                "ranking", "head_offset", "selection_fraction", "cka_init")
 
 
 def validate(cfg: SearchConfig, smap: StructureMap) -> None:
