@@ -970,21 +970,27 @@ def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0)
     return float(diff.mean()), float(lo), float(hi)
 
 
+def _validation_knn(setup: Setup, cfg: QualityConfig, masked: Any, scores: Any) -> Dict[str, float]:
+    """k-NN of ``scores``' sub-networks on the train-split validation images, per ablation sparsity."""
+    from elastic_fx.search.evaluate import masked_embeddings
+
+    nr = setup.n_val_ref
+    keeps = [scores.keep(setup.smap, s) for s in cfg.ablation_sparsities]
+    emb = masked_embeddings(masked, setup.val_x, keeps, batch_size=128)
+    return {f"{s:.2f}": knn_top1(e[:nr], setup.val_y[:nr], e[nr:], setup.val_y[nr:], k=min(cfg.k, nr))
+            for s, e in zip(cfg.ablation_sparsities, emb)}
+
+
 def validation_defaults(setup: Setup, cfg: QualityConfig, cache: Cache, rankings: Dict[str, Any], log: Log) -> None:
     """The ranking default, measured where choosing is allowed: k-NN of the no-search rankings
     (global vs separate) on VALIDATION images of the train split (never the test split)."""
     if cache.get("validation/ranking") is not None:
         return
     from elastic_fx.passes.mask import build_masked
-    from elastic_fx.search.evaluate import masked_embeddings
 
     t0 = time.perf_counter()
-    masked, nr, out = build_masked(setup.gm, setup.smap), setup.n_val_ref, {}
-    for name in ("fisher", "fisher_sep"):
-        keeps = [rankings[name].keep(setup.smap, s) for s in cfg.ablation_sparsities]
-        emb = masked_embeddings(masked, setup.val_x, keeps, batch_size=128)
-        out[name] = {f"{s:.2f}": knn_top1(e[:nr], setup.val_y[:nr], e[nr:], setup.val_y[nr:], k=min(cfg.k, nr))
-                     for s, e in zip(cfg.ablation_sparsities, emb)}
+    masked = build_masked(setup.gm, setup.smap)
+    out = {name: _validation_knn(setup, cfg, masked, rankings[name]) for name in ("fisher", "fisher_sep")}
     cache.put("validation/ranking", out)
     log.stage("validation of defaults", time.perf_counter() - t0)
     log(f"validation k-NN, global vs separate ranking (c = 1): {out}")
@@ -998,17 +1004,12 @@ def validation_search(setup: Setup, cfg: QualityConfig, cache: Cache, rankings: 
     if cache.get("validation/search") is not None:
         return
     from elastic_fx.passes.mask import build_masked
-    from elastic_fx.search.evaluate import masked_embeddings
 
     t0 = time.perf_counter()
-    masked, nr, out = build_masked(setup.gm, setup.smap), setup.n_val_ref, {}
+    masked = build_masked(setup.gm, setup.smap)
     runs = {"fisher": rankings["fisher"], "elastic": rankings["elastic"],
             **{f"abl_{k}": v for k, v in variants.items()}}
-    for name, sc in runs.items():
-        keeps = [sc.keep(setup.smap, s) for s in cfg.ablation_sparsities]
-        emb = masked_embeddings(masked, setup.val_x, keeps, batch_size=128)
-        out[name] = {f"{s:.2f}": knn_top1(e[:nr], setup.val_y[:nr], e[nr:], setup.val_y[nr:], k=min(cfg.k, nr))
-                     for s, e in zip(cfg.ablation_sparsities, emb)}
+    out = {name: _validation_knn(setup, cfg, masked, sc) for name, sc in runs.items()}
     cache.put("validation/search", out)
     log.stage("validation of the searches", time.perf_counter() - t0)
 

@@ -66,6 +66,30 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_dense(dense: torch.Tensor, minimum: int, who: str) -> torch.Tensor:
+    """``dense`` is a finite ``[N, D]`` tensor with ``N >= minimum``; returns it."""
+    if not isinstance(dense, torch.Tensor) or dense.ndim != 2:
+        shape = tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__
+        raise DataError(f"dense embeddings have shape {shape}; expected a tensor [N images, D].")
+    n = dense.shape[0]
+    if n < minimum:
+        raise DataError(
+            f"{who} got {n} dense embedding(s); expected at least {minimum} (the paper uses "
+            f"{DEFAULT_NUM_IMAGES} images). Point the search at more images."
+        )
+    if not torch.isfinite(dense).all():
+        raise NumericalError("dense embeddings contain NaN or inf; expected finite values.")
+    return dense
+
+
+def _check_pruned(pruned: torch.Tensor, n: int, width: int) -> None:
+    if pruned.ndim < 2 or pruned.shape[-2] != n or pruned.shape[-1] != width:
+        raise DataError(
+            f"pruned embeddings have shape {tuple(pruned.shape)}; expected [..., {n}, "
+            f"{width}] (the same images, in the same order, as the dense embeddings)."
+        )
+
+
 def holdout_split(
     num_images: int, holdout_fraction: float, seed: int = 0
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -154,25 +178,10 @@ class PCACosineFitness:
     # ---------------------------------------------------------------- checks
     @staticmethod
     def _check_dense(dense: torch.Tensor) -> torch.Tensor:
-        if not isinstance(dense, torch.Tensor) or dense.ndim != 2:
-            shape = tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__
-            raise DataError(f"dense embeddings have shape {shape}; expected a tensor [N images, D].")
-        n = dense.shape[0]
-        if n < 2:
-            raise DataError(
-                f"PCA fitness got {n} dense embedding(s); expected at least 2 (the paper uses "
-                f"{DEFAULT_NUM_IMAGES} images). Point the search at more images."
-            )
-        if not torch.isfinite(dense).all():
-            raise NumericalError("dense embeddings contain NaN or inf; expected finite values.")
-        return dense
+        return _check_dense(dense, 2, "PCA fitness")
 
     def _check_pruned(self, pruned: torch.Tensor, n: int) -> None:
-        if pruned.ndim < 2 or pruned.shape[-2] != n or pruned.shape[-1] != self.width:
-            raise DataError(
-                f"pruned embeddings have shape {tuple(pruned.shape)}; expected [..., {n}, "
-                f"{self.width}] (the same images, in the same order, as the dense embeddings)."
-            )
+        _check_pruned(pruned, n, self.width)
 
     # ------------------------------------------------------------ projection
     def _affine(self, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -270,14 +279,7 @@ class NeighbourhoodFitness:
     """
 
     def __init__(self, dense: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE, chunk: int = 16) -> None:
-        if not isinstance(dense, torch.Tensor) or dense.ndim != 2:
-            shape = tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__
-            raise DataError(f"dense embeddings have shape {shape}; expected a tensor [N images, D].")
-        if dense.shape[0] < 3:
-            raise DataError(f"the neighbourhood fitness needs at least 3 fitness images, got {dense.shape[0]}; "
-                            "point the search at more images")
-        if not torch.isfinite(dense).all():
-            raise NumericalError("dense embeddings contain NaN or inf; expected finite values.")
+        _check_dense(dense, 3, "the neighbourhood fitness")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise DataError(f"temperature={temperature!r}; expected a positive number such as 0.07")
         self.temperature = float(temperature)
@@ -301,9 +303,7 @@ class NeighbourhoodFitness:
         """Overlap per image: ``[..., N, D] -> [..., N]``; ``dense`` scores other images than the fitted ones."""
         ref = self._dense if dense is None else self.neighbours(dense.detach())
         n = ref.shape[-1]
-        if pruned.ndim < 2 or pruned.shape[-2] != n or pruned.shape[-1] != self.width:
-            raise DataError(f"pruned embeddings have shape {tuple(pruned.shape)}; expected [..., {n}, {self.width}] "
-                            "(the same images, in the same order, as the dense embeddings).")
+        _check_pruned(pruned, n, self.width)
         lead = pruned.shape[:-2]
         flat = pruned.reshape(-1, n, self.width)
         ref = ref.to(flat.device)
