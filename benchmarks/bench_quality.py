@@ -135,7 +135,7 @@ FINGERPRINT_FIELDS = ("grad_images", "batch_size", "fitness_images", "pca_dim", 
 class QualityConfig:
     """Everything that defines one benchmark run (written into the report)."""
 
-    sparsities: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7)
+    sparsities: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8)
     methods: Tuple[str, ...] = METHODS
     grad_images: int = 512  # DINO / SNIP / Torch-Pruning gradient images
     batch_size: int = 16  # gradient pass (16 images x 12 crops)
@@ -213,6 +213,7 @@ class Setup:
     image_size: Optional[int]
     notes: List[str] = field(default_factory=list)
     calibration: str = ""  # where grad_x / fit_x come from, when not the train split
+    fitness_source: str = ""  # where fit_x comes from, when not the train split or the calibration folder
     tp_x: Optional[torch.Tensor] = None  # Torch-Pruning's labelled images (default: grad_x / grad_y)
     tp_y: Optional[torch.Tensor] = None
 
@@ -312,6 +313,34 @@ def use_calibration_folder(setup: Setup, cfg: QualityConfig, folder: str) -> Non
     setup.notes = [f"Calibration: the gradient and fitness images of the label-free methods ({len(setup.grad_x)} "
                    f"and {len(setup.fit_x)}) come from {folder}, resized to {h}x{w}; Torch-Pruning keeps "
                    f"{len(setup.tp_x)} labelled CIFAR train images.", ""]
+
+
+def use_fitness_folder(setup: Setup, cfg: QualityConfig, folder: str) -> None:
+    """The search's fitness images (search and selection parts) from an unlabelled folder.
+
+    Why: the CIFAR ViT memorised its train split (the fisher-only ranking at 50 %: k-NN 76 %
+    on held-out train images; the dense model: 56.8 % on the test split, per the assets
+    README), so on train images the dense embeddings the search imitates are not the ones
+    unseen images get. Photos the model never saw stand in for a user's own
+    unlabelled images; the gradient images (and so every non-search method) are unchanged.
+    """
+    from elastic_fx.data import PreprocessConfig, load_tensor
+
+    h, w = setup.grad_x.shape[-2:]
+    pre = PreprocessConfig((h, w), setup.mean, setup.std)
+    setup.fit_x = load_tensor(folder, pre, cfg.fitness_images, seed=cfg.seed)
+    if len(setup.fit_x) < cfg.fitness_images:
+        raise efx.DataError(f"{folder} holds {len(setup.fit_x)} readable images; the search needs "
+                            f"{cfg.fitness_images} fitness images (--fitness-images, or another --fitness-folder)")
+    setup.fitness_source = str(folder)
+    setup.name += f"; fitness images from {Path(folder).name}"
+    setup.notes += [f"Fitness images: the search's {len(setup.fit_x)} fitness images (search and selection halves) "
+                    f"are photos from {folder} that the model never saw, resized to {h}x{w} and normalised with "
+                    "the model's statistics; they replace the train-split fitness images above. Chosen before this run "
+                    "(nothing seen on the test split): the model memorised its train split (the fisher-only ranking "
+                    "at 50 % scores 76 % k-NN on held-out train images; the dense model scores 56.8 % on the test "
+                    "split, per the assets README), so on train images the dense embeddings "
+                    "the search imitates are not the ones unseen images get.", ""]
 
 
 # ============================================================================ cache
@@ -720,9 +749,35 @@ def _plots(out: Path, cache: Cache, cfg: QualityConfig, variants: Dict[str, Any]
     return made
 
 
+def _fitness_where(setup: Setup) -> str:
+    """Where the search's fitness (search and selection) images come from, for the report."""
+    source = setup.fitness_source or setup.calibration
+    return f"photos from {Path(source).name} the model never saw" if source else "TRAIN images"
+
+
+def _headroom(cache: Cache, cfg: QualityConfig) -> List[str]:
+    """dense - fisher-only k-NN with paired intervals: how far above the no-search ranking any ranking can be
+    without beating the dense model."""
+    dense = _unbits((cache.get("eval/dense") or {}).get("knn_correct"))
+    cells = []
+    for s in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8):
+        fisher = _unbits((cache.get(f"eval/fisher/{s:.2f}") or {}).get("knn_correct"))
+        if dense is None or fisher is None or len(dense) != len(fisher):
+            continue
+        d, lo, hi = paired_interval(dense.astype(float), fisher.astype(float), cfg.bootstrap)
+        cells.append(f"{s:.0%} {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+    if not cells:
+        return []
+    return ["* headroom, dense - fisher-only (k-NN points, paired 95 % intervals): " + "; ".join(cells) + ". An "
+            "interval of elastic - fisher-only above 0 where this headroom is within about a point needs a pruned "
+            "model at or above the dense one."]
+
+
 def _claims(ci: Dict[str, Dict[float, Any]], sparsities: Sequence[float]) -> List[str]:
-    """The issue's goal, checked on the intervals of this run (k-NN points)."""
+    """The issue's goal, checked on the intervals of this run (k-NN points) at the issue's sparsities
+    (10 ... 70 % and 65 %; higher ones are reported above, not part of the goal)."""
     lines = []
+    ci = {m: {s: v for s, v in row.items() if s <= 0.7 + 1e-9} for m, row in ci.items()}
     fi = ci.get("fisher", {})
     if fi:
         ok_all = all(lo > -0.01 for _, lo, _ in fi.values())
@@ -757,7 +812,7 @@ def _protocol_notes(setup: Setup, cfg: QualityConfig) -> List[str]:
     lines = ["## How the methods were run", "",
              f"* **elastic_fx (xNES)**: `efx.prune(gm, images, iterations={cfg.generations}, "
              f"sparsities={list(cfg.search_sparsities)}, local=<the DINO local scores>)` with the default "
-             f"SearchConfig: {cfg.fitness_images} fitness images, split (seeded) into a search half and a selection "
+             f"SearchConfig: {cfg.fitness_images} fitness images ({_fitness_where(setup)}), split (seeded) into a search half and a selection "
              f"half; log-space factors c = exp(z) started at c = 1; fitness: neighbourhood overlap (T = 0.07); global "
              f"ranking; population {cfg.popsize or 'default (4 + floor(3 ln d))'}; the best on the selection half "
              "among c = 1, the final mean and the 8 best candidates by search fitness replaces c = 1 only when its "
@@ -828,8 +883,8 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
           + (f"; linear probe: the DINO recipe (SGD, momentum 0.9, lr 1e-3, batch 256, cosine) for "
              f"{cfg.linear_epochs} epochs on the same frozen features, best-of-10%-held-out-train epoch"
              if cfg.linear_epochs else "")
-          + ". Nothing was chosen on the test split: the search picks its winner on held-out TRAIN images, "
-            "every default was set before this run or from train-split measurements.", ""]
+          + f". Nothing was chosen on the test split: the search picks its winner on held-out "
+            f"{_fitness_where(setup)}, every default was set before this run or from train-split measurements.", ""]
     md += setup.notes + _protocol_notes(setup, cfg)
     md += ["## k-NN top-1 (%) vs sparsity", "",
            "Sparsity = fraction of the blocks' prunable parameters (heads + FFN neurons) removed; "
@@ -841,7 +896,7 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
         md += ["## Linear probe top-1 (%) vs sparsity", ""] + lin_lines + ["", "Linear probe: elastic - each method "
                "(points, paired-bootstrap 95 % intervals)", ""] + lci_lines + [""]
     md += ["![accuracy vs sparsity](quality_sparsity.png)", "", "## The goal (issue 13) on this model", ""]
-    md += _claims(ci, cfg.sparsities) + [""]
+    md += _claims(ci, cfg.sparsities) + _headroom(cache, cfg) + [""]
     if main:
         md += ["## The main search's choice", "", f"* {main.get('summary', '')}",
                f"* fitness: {main.get('fitness_space', '')}", "", "![search trajectory](quality_search.png)", ""]
@@ -864,7 +919,7 @@ def write_report(out: Path, setup: Setup, cfg: QualityConfig, cache: Cache, vari
             md.append(f"| {label} | " + " | ".join(_pct(v) for v in val[name].values()) + " |")
         if {"sigma_0.1", "sigma_0.5"} <= set(variants):
             md += ["", "Initial spread: the selection fitness of the winners of `sigma_0.1`, `all_on` (0.25, the "
-                   "default) and `sigma_0.5` above is the spread curve (the selection images are train images). The "
+                   f"default) and `sigma_0.5` above is the spread curve (the selection images are {_fitness_where(setup)}). The "
                    "default was set before the run and is kept while that curve stays flat within its noise.", ""]
         else:
             md += ["", "Initial spread: not part of this run (`--ablations sigma_0.1 sigma_0.5` measures the curve). "
@@ -1222,6 +1277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="unlabelled image folder for the gradient and fitness images of the label-free "
                    "methods (e.g. ../shared/assets/imagenet-sample, resized to the model's input); Torch-Pruning "
                    "keeps its labelled train images")
+    p.add_argument("--fitness-folder", default="auto",
+                   help="unlabelled image folder for the search's fitness images only ('train': the train split; "
+                   "default 'auto': <assets>/imagenet-sample with the CIFAR assets when it is there, else the train "
+                   "split)")
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--work-dir", default=None, help="cache (default: a folder under the system temp dir)")
     p.add_argument("--sparsities", type=float, nargs="+")
@@ -1285,6 +1344,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return headline
     if args.calib:
         use_calibration_folder(setup, cfg, args.calib)
+    fitness = args.fitness_folder
+    if fitness == "auto":
+        photos = assets / "imagenet-sample"
+        cifar = not (args.smoke or args.model)
+        fitness = str(photos) if cifar and photos.is_dir() else "train"
+    if fitness != "train":
+        use_fitness_folder(setup, cfg, fitness)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / f"elastic_fx_bench_quality_{mode}"
     headline = run(cfg, setup, work, Path(args.out_dir), mode, log)
     print(json.dumps(headline))

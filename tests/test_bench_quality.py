@@ -144,3 +144,21 @@ def test_paired_interval_resamples_both_models_together(bq):
     assert d == pytest.approx((a.astype(float) - b).mean()) and lo <= d <= hi
     assert hi - lo < 0.1  # paired: only the 20 disagreements vary
     assert np.array_equal(bq._unbits(bq._bits(a)), a)
+
+
+def test_fitness_folder_replaces_only_the_fitness_images(bq, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(tmp_path / f"photo{i}.png")
+    cfg = bq.smoke_config()
+    setup = bq.smoke_setup(cfg)
+    grad, name = setup.grad_x.clone(), setup.name
+    bq.use_fitness_folder(setup, cfg, str(tmp_path))
+    assert setup.fit_x.shape == (cfg.fitness_images,) + tuple(grad.shape[1:])
+    assert torch.equal(setup.grad_x, grad)  # gradient images (every non-search method) unchanged
+    assert setup.name != name and setup.fitness_source == str(tmp_path)  # another cache key
+    assert "photos from" in bq._fitness_where(setup)
+    with pytest.raises(efx.DataError, match="readable images"):
+        bq.use_fitness_folder(bq.smoke_setup(cfg), bq.replace(cfg, fitness_images=11), str(tmp_path))
