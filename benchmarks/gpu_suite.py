@@ -342,7 +342,7 @@ def _fitness_bf16(ctx: Ctx, kind: str) -> Dict[str, Any]:
     fits = {"neighbours": NeighbourhoodFitness(dense), "pca-cosine": PCACosineFitness(dense, dim=min(16, n - 1))}
     masked = build_masked(gm, smap)
     emb = {name: masked_embeddings(masked, images, keeps, batch_size=16, device=ctx.device,
-                                   amp_dtype=dtype).float().cpu()
+                                   dtype=dtype).float().cpu()
            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     out: Dict[str, Any] = {"pairs": len(keeps), "images": n}
     for kind, fit in fits.items():
