@@ -19,7 +19,7 @@ import torch
 from .._precision import compute_dtype
 from ..errors import ConfigError, DataError
 from ..keep import keep_tensors
-from ..passes.mask import MaskedModel, masks_to
+from ..passes.mask import MaskedModel
 
 #: Rows (pairs x images) per masked forward by default.
 DEFAULT_ROWS_PER_FORWARD = 256
@@ -68,13 +68,14 @@ def masked_embeddings(
     if dtype is not None and amp_dtype is not None and dtype != amp_dtype:
         raise ConfigError(f"dtype={dtype} and amp_dtype={amp_dtype} disagree; amp_dtype is the former name of "
                           "dtype, pass only dtype")
+    # host masks, passed as they are: the model reads the kept positions there (on a device that
+    # read would be a sync per forward) and moves a forward's masks and positions in one copy each
     head_masks, neuron_masks = keep_tensors(model.smap, keeps)
     P, N = len(keeps), images.shape[0]
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = compute_dtype(dev, dtype if dtype is not None else amp_dtype, what="dtype")
     model.cast(dtype).to(dev).eval()  # cast first: a bf16 model crosses to the GPU at half the size
     chunk = pair_chunk or max(1, DEFAULT_ROWS_PER_FORWARD // batch_size)
-    head_masks, neuron_masks = masks_to(dev, head_masks, neuron_masks)  # one copy, not one per block
     out: Optional[torch.Tensor] = None
     with torch.inference_mode():
         for i in range(0, N, batch_size):
