@@ -12,10 +12,10 @@ forward, ``torch.autograd.grad`` and one batched call of the fused squared-gradi
 kernel (:func:`~elastic_fx.kernels.sqgrad.sqgrad_accumulate_many`) for every structure
 of the model. On CUDA the forward and backward run under bf16 autocast by default
 (``PassConfig.amp_dtype``; float32 elsewhere): the weights stay fp32, so their gradients
-come out in fp32, and squares and sums are accumulated in fp32 whatever the dtype. Gradients are never stored beyond one batch. Every batch is checked (one
-device sync): a NaN or inf in the loss or a gradient raises
-:class:`~elastic_fx.errors.NumericalError` naming the batch, its images and the
-parameter, before anything reaches the totals.
+come out in fp32, and squares and sums are accumulated in fp32 whatever the dtype.
+Gradients are never stored beyond one batch. Every batch is checked (one device sync): a
+NaN or inf in the loss or a gradient raises :class:`~elastic_fx.errors.NumericalError`
+naming the batch, its images and the parameter, before anything reaches the totals.
 
 * ``mode="per-batch"``: the gradient of each batch's (mean) loss, squared, summed over
   the structure's entries and over batches.

@@ -73,7 +73,7 @@ def masked_embeddings(
     head_masks, neuron_masks = keep_tensors(model.smap, keeps)
     P, N = len(keeps), images.shape[0]
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    dtype = compute_dtype(dev, dtype if dtype is not None else amp_dtype, what="dtype")
+    dtype = compute_dtype(dev, dtype if dtype is not None else amp_dtype)
     model.cast(dtype).to(dev).eval()  # cast first: a bf16 model crosses to the GPU at half the size
     chunk = pair_chunk or max(1, DEFAULT_ROWS_PER_FORWARD // batch_size)
     out: Optional[torch.Tensor] = None

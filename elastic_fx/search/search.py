@@ -15,10 +15,10 @@ per-generation checkpoint.
    by default ``c = exp(z)`` centred, started at ``z = 0``, i.e. at ``c = 1``). Every
    candidate's factors rescale the local scores, the budget cuts the ranking at every
    search sparsity (nested masks), and all (candidate, sparsity) pairs of a generation run
-   in one batched masked forward (bf16 weights on CUDA, float32 on the CPU); fitness, averaged over sparsities: by default how well
-   each image keeps its neighbours among the fitness images
-   (:class:`~elastic_fx.search.fitness.NeighbourhoodFitness`), or the paper's PCA cosine to
-   the dense embeddings (Eq. 6, ``fitness="pca-cosine"``).
+   in one batched masked forward (bf16 weights on CUDA, float32 on the CPU); fitness (in
+   float32), averaged over sparsities: by default how well each image keeps its neighbours
+   among the fitness images (:class:`~elastic_fx.search.fitness.NeighbourhoodFitness`), or
+   the paper's PCA cosine to the fp32 dense embeddings (Eq. 6, ``fitness="pca-cosine"``).
 4. Selection on held-out images: ``c = 1``, the final mean and the best
    ``selection_candidates`` distinct candidates by search fitness are scored on the
    selection part; the best there wins when its per-image gain over ``c = 1`` has a paired-
