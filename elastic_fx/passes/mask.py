@@ -43,8 +43,8 @@ from ``call_module`` nodes, so ``masked.graph_module.code`` stays readable;
 Takes a traced GraphModule and its StructureMap; returns a :class:`MaskedModel`, which
 owns a deep copy of ``gm``'s parameters, taken once when it is built: moving it to a GPU
 or casting it to bf16 (:meth:`MaskedModel.cast`) leaves ``gm`` as it is, and later edits
-of ``gm`` are not seen. ``gm`` is not modified. What the pass rewrote is listed in ``MaskedModel.rewrites`` and in
-``graph_module.meta[MASK_META]``.
+of ``gm`` are not seen. ``gm`` is not modified. What the pass rewrote is listed in
+``MaskedModel.rewrites`` and in ``graph_module.meta[MASK_META]``.
 
 Masks that arrive on the device instead of the host cost one sync per forward (the kept
 positions must be known to the host to size the GEMMs); :func:`masks_to` moves host masks.
@@ -208,7 +208,9 @@ class MaskedModel(nn.Module):
             return self
         self._follow_dtype(old, dtype)
         if self._built is None:
-            self._built = [(store, name, t.detach()) for store, name, t in self._float_tensors()]
+            once: Dict[int, torch.Tensor] = {}  # one entry per tensor, however many modules hold it
+            self._built = [(store, name, once.setdefault(id(t), t.detach()))
+                           for store, name, t in self._float_tensors()]
         cast: Dict[int, torch.Tensor] = {}  # a tensor shared by several modules stays shared
         for store, name, built in self._built:
             now = store[name]

@@ -253,8 +253,9 @@ def describe_batch(bi: int, start: int, n: int) -> str:
 def _raise_nonfinite(what: str, loss: torch.Tensor, grads: Mapping[str, Optional[torch.Tensor]],
                      amp_dtype: Optional[torch.dtype]) -> None:
     """Name the first non-finite thing: the loss, a gradient, or a squared gradient that overflowed."""
-    hint = (f"no score was changed. The pass ran under {str(amp_dtype).replace('torch.', '')} autocast (the "
-            "default on CUDA): run it in float32 (amp_dtype=torch.float32), and check the images for NaN/inf"
+    default = " (the default on CUDA)" if amp_dtype == torch.bfloat16 else ""
+    hint = (f"no score was changed. The pass ran under {str(amp_dtype).replace('torch.', '')} autocast{default}: "
+            "run it in float32 (amp_dtype=torch.float32), and check the images for NaN/inf"
             if amp_dtype not in (None, torch.float32) else
             "no score was changed. Check the images and the model's weights for NaN/inf")
     if not torch.isfinite(loss.detach()).all():

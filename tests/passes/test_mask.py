@@ -331,6 +331,21 @@ def test_missing_blocks_in_mask_dicts_are_kept_whole():
     _assert_rel_close(got[0], _sliced_embedding(gm, smap, keep, images))
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_weights_run_on_every_family_and_cast_back_exactly(name):
+    """The search's GPU default, on the CPU: the masked model's own bf16 copy (export graphs
+    bake casts to fp32 into the graph: they follow the cast), then fp32 again, bit for bit."""
+    gm, smap, images = _traced(name)
+    keeps = _random_keeps(smap, 2, seed=9)
+    model = build_masked(gm, smap)
+    full = masked_embeddings(model, images, keeps)
+    half = masked_embeddings(model, images, keeps, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and half.dtype == torch.float32
+    _assert_rel_close(half, full, rel=5e-2)
+    assert torch.equal(masked_embeddings(model, images, keeps, dtype=torch.float32), full)
+    assert all(p.dtype == torch.float32 for p in gm.parameters())
+
+
 def test_source_graph_is_untouched():
     gm, smap, images = _traced("hf_vit")
     before = {k: v.clone() for k, v in gm.state_dict().items()}
