@@ -6,7 +6,8 @@ What is timed, side by side in one run, on one traced model:
   the per-batch NaN check) in images/s, for each variant:
     - ``fp32 / kernel``  : float32, ``backend="auto"`` (Triton on CUDA, PyTorch on CPU)
     - ``fp32 / torch``   : float32, ``backend="torch"`` (the PyTorch per-slice formulation)
-    - ``bf16 / kernel``, ``bf16 / torch``: the forward under ``torch.autocast(bfloat16)``
+    - ``bf16 / kernel``, ``bf16 / torch``: forward and backward under ``torch.autocast(bfloat16)``
+      (what ``local_scores`` does by default on CUDA; the fp32 variants ask for ``torch.float32``)
   (on the CPU, ``--quick``: fp32 only, and the two backends are the same PyTorch code);
 * the accumulation alone, on one batch's real gradients of every head and neuron:
     - ``kernel``: one ``sqgrad_accumulate_many`` call (what the pass does)
@@ -121,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     size = gm.meta["elastic_fx.preprocess"].input_size[0]
     images = SyntheticSource(n_images, size=max(size, 128) if quick else 256, seed=0).tensor()
 
-    variants = [("fp32", None)]
+    variants = [("fp32", torch.float32)]
     if device.type == "cuda" and not args.no_bf16:
         variants.append(("bf16", torch.bfloat16))
     backends = ["auto", "torch"] if device.type == "cuda" else ["auto"]
@@ -145,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.per_sample:
         for how in ("ghost", "loop"):
             ls = local_scores(gm, images, batch_size=batch, num_images=n_images, dino=dino, progress=False,
-                              mode="per-sample", per_sample=how)
+                              mode="per-sample", per_sample=how, amp_dtype=torch.float32)
             ips = ls.config["images_per_s"]
             rows.append({"variant": f"fp32 / per-sample {how}", "images_per_s": ips, "crops_per_s": ips * crops,
                          "seconds_per_1000": 1000.0 / ips, "seconds": ls.config["seconds"]})

@@ -36,8 +36,8 @@ sliced sub-networks it stands for, both counted by ``torch.utils.flop_counter`` 
 path (matmuls, convolutions and attention; see :func:`executed_flops_ratio`).
 
 Correctness: every variant is compared with the sliced reference; the tolerance follows
-the dtype the masked forward ran in (:data:`MAX_REL_ERR`: bf16 autocast on a GPU rounds
-activations to 8 bits of mantissa, so it cannot meet the fp32 bound).
+the dtype the masked forward ran in (:data:`MAX_REL_ERR`: bf16 weights on a GPU round
+weights and activations to 8 bits of mantissa, so they cannot meet the fp32 bound).
 
 Prints a small table, then ONE JSON line with the headline figures. Never run by pytest.
 """
@@ -55,6 +55,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import elastic_fx as efx
+from elastic_fx._precision import compute_dtype
 from elastic_fx.passes.embedding import embedding_module
 from elastic_fx.passes.mask import build_masked
 from elastic_fx.search.evaluate import masked_embeddings
@@ -64,11 +65,6 @@ QUICK_SIZE = 112
 
 #: Largest max-abs error relative to the reference's largest value, by the masked forward's dtype.
 MAX_REL_ERR = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-
-
-def masked_dtype(device: torch.device) -> torch.dtype:
-    """The dtype masked_embeddings computes in by default on ``device`` (bf16 on CUDA)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
@@ -231,7 +227,7 @@ def run(quick: bool | str = False, pairs: Optional[int] = None, n_images: Option
 
     ref = _reference(gm, smap, images, keeps[:ref_pairs], batch_size)
     runs = _masked(gm, smap, images, keeps, batch_size, pair_chunk, repeats=repeats)
-    dtype = masked_dtype(dev)
+    dtype = compute_dtype(dev)  # what masked_embeddings computes in by default: bf16 weights on CUDA
     scale = ref["out"].abs().max().item()
     ref_pair_s = ref["seconds"] / ref_pairs
     rows = [("reference (deepcopy+slice+forward)", ref_pair_s, None)]

@@ -342,7 +342,7 @@ def _fitness_bf16(ctx: Ctx, kind: str) -> Dict[str, Any]:
     fits = {"neighbours": NeighbourhoodFitness(dense), "pca-cosine": PCACosineFitness(dense, dim=min(16, n - 1))}
     masked = build_masked(gm, smap)
     emb = {name: masked_embeddings(masked, images, keeps, batch_size=16, device=ctx.device,
-                                   amp_dtype=dtype).float().cpu()
+                                   dtype=dtype).float().cpu()
            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     out: Dict[str, Any] = {"pairs": len(keeps), "images": n}
     for kind, fit in fits.items():
@@ -372,9 +372,9 @@ def step_scoring(ctx: Ctx, out: Dict[str, Any]) -> None:
     images = SyntheticSource(n, size=size, seed=0).tensor()
     dino = DinoConfig()
     rows = out.setdefault("rows", [])
-    for name, amp, backend in (("fp32 / kernel", None, "auto"), ("fp32 / torch", None, "torch"),
+    for name, amp, backend in (("fp32 / kernel", torch.float32, "auto"), ("fp32 / torch", torch.float32, "torch"),
                                ("bf16 / kernel", torch.bfloat16, "auto")):
-        if not ctx.cuda and (amp is not None or backend == "torch"):
+        if not ctx.cuda and (amp != torch.float32 or backend == "torch"):
             continue  # off CUDA both backends are the same PyTorch code, and bf16 is not the point
         kw = dict(batch_size=batch, dino=dino, progress=False, amp_dtype=amp, backend=backend)
         local_scores(gm, images[: 2 * batch], num_images=2 * batch, **kw)  # warm-up: compilation, heuristics

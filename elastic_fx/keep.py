@@ -119,6 +119,11 @@ def keep_tensors(
     Each keep is validated by :func:`normalize_keep` (the error names the keep's
     position); blocks and keys a keep does not name are kept whole. Neuron masks exist
     only for prunable FFNs.
+
+    Built on the host, and left there: the masked forward reads each pair's kept positions
+    from the host masks (they size its per-pair GEMMs; read from a device they would cost a
+    sync) and moves one forward's masks to the device in one copy
+    (:func:`elastic_fx.passes.mask.masks_to`), where everything derived from them is built.
     """
     if isinstance(keeps, Mapping) or not isinstance(keeps, Sequence) or not keeps:
         raise SliceError(

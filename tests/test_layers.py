@@ -21,7 +21,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "elastic_fx"
 
 #: Parts by layer, bottom first. A part is a sub-package or a top-level module.
 LAYERS: List[Set[str]] = [
-    {"version", "errors", "_io", "_scorefile", "structures", "keep", "budget", "scores", "data", "distributed", "tracing"},
+    {"version", "errors", "_io", "_precision", "_scorefile", "structures", "keep", "budget", "scores", "data",
+     "distributed", "tracing"},
     {"kernels"},
     {"passes"},
     {"scoring", "search", "exporters"},

@@ -318,10 +318,16 @@ def _kept_positions(host: torch.Tensor, owner: torch.Tensor) -> Tuple[List[bool]
 def bind_positions(mods: List[nn.Module], hosts: List[torch.Tensor], device: torch.device) -> None:
     """Give every gathered module its pairs' kept positions on ``device``, moved in ONE copy.
 
-    ``hosts[i]``: the host masks of ``mods[i]``'s block (a mask already on a device is read
-    back once: a sync, avoided when the masks come from the host, as they do in the search).
+    ``hosts[i]``: the host masks of ``mods[i]``'s block. Masks that are on a device are read
+    back together in one copy: one sync per forward, avoided when the masks come from the
+    host, as they do in the search.
     """
-    plans = [m.positions(h if h.device.type == "cpu" else h.cpu()) for m, h in zip(mods, hosts)]
+    away = {id(h): h for h in hosts if h.device.type != "cpu"}
+    if away:
+        back = torch.cat([h.reshape(-1) for h in away.values()]).cpu().split([h.numel() for h in away.values()])
+        on_host = {key: flat.view(h.shape) for (key, h), flat in zip(away.items(), back)}
+        hosts = [on_host.get(id(h), h) for h in hosts]
+    plans = [m.positions(h) for m, h in zip(mods, hosts)]
     tensors = [t for _, ts in plans for t in ts]
     if tensors and device.type != "cpu":
         flat = torch.cat(tensors)

@@ -42,9 +42,9 @@ from ``call_module`` nodes, so ``masked.graph_module.code`` stays readable;
 
 Takes a traced GraphModule and its StructureMap; returns a :class:`MaskedModel`, which
 owns a deep copy of ``gm``'s parameters, taken once when it is built: moving it to a GPU
-leaves ``gm`` where it is, and later edits of ``gm`` are not seen. ``gm`` is not
-modified. What the pass rewrote is listed in ``MaskedModel.rewrites`` and in
-``graph_module.meta[MASK_META]``.
+or casting it to bf16 (:meth:`MaskedModel.cast`) leaves ``gm`` as it is, and later edits
+of ``gm`` are not seen. ``gm`` is not modified. What the pass rewrote is listed in
+``MaskedModel.rewrites`` and in ``graph_module.meta[MASK_META]``.
 
 Masks that arrive on the device instead of the host cost one sync per forward (the kept
 positions must be known to the host to size the GEMMs); :func:`masks_to` moves host masks.
@@ -77,6 +77,8 @@ __all__ = ["MaskedModel", "build_masked", "masks_to"]
 MASK_META = "elastic_fx.mask"
 
 _ASSERT_METADATA = {"_assert_tensor_metadata"}
+#: Ops whose dtype argument :meth:`MaskedModel.cast` retargets.
+_CASTS = {"to", "_to_copy", "type"}
 
 
 # ============================================================================ graph analysis
@@ -151,7 +153,8 @@ class MaskedModel(nn.Module):
     embedding of the physically sliced model that keeps what pair ``p``'s masks keep.
     Blocks missing from a dict are kept whole. See the module docstring for how;
     ``use_kernel`` replaces attention cores by masked attention, ``gather`` computes the
-    projections per pair on the kept heads and neurons only.
+    projections per pair on the kept heads and neurons only. :meth:`cast` makes it compute
+    in another dtype (bf16 weights on a GPU); images are cast to :attr:`dtype` on the way in.
 
     Attributes:
         smap: the StructureMap the masks refer to.
@@ -180,6 +183,71 @@ class MaskedModel(nn.Module):
         self._graph_device: Optional[torch.device] = None
         _rewrite(self)
         self.graph_module.meta[MASK_META] = list(self.rewrites)
+        self._built_dtype = self.dtype
+        # the build-time tensors, kept while the model computes in another dtype (see cast)
+        self._built: Optional[List[Tuple[dict, str, torch.Tensor]]] = None
+
+    # -------------------------------------------------------------- dtype
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in: its floating parameters' (float32 without any)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    def cast(self, dtype: torch.dtype) -> "MaskedModel":
+        """Compute in ``dtype`` from now on, e.g. bf16 weights on a GPU; returns ``self``.
+
+        Every floating tensor the model owns (parameters, buffers, tensor constants) is cast
+        from the copy taken when the model was built, which is kept while the model runs in
+        another dtype: casting back gives the exact build-time weights again, so one model
+        may serve fp32 and bf16 runs in any order. Casts the graph makes to the model's
+        dtype (``x.to(torch.float32)`` baked in by torch.export, where the model wrote
+        ``x.to(self.dtype)``) follow it. The source GraphModule is never touched.
+        """
+        old = self.dtype
+        if dtype == old:
+            return self
+        self._follow_dtype(old, dtype)
+        if self._built is None:
+            once: Dict[int, torch.Tensor] = {}  # one entry per tensor, however many modules hold it
+            self._built = [(store, name, once.setdefault(id(t), t.detach()))
+                           for store, name, t in self._float_tensors()]
+        cast: Dict[int, torch.Tensor] = {}  # a tensor shared by several modules stays shared
+        for store, name, built in self._built:
+            now = store[name]
+            new = cast.get(id(built))
+            if new is None:
+                new = cast[id(built)] = built.to(device=now.device, dtype=dtype)
+            if isinstance(now, nn.Parameter):
+                now.data = new
+            else:
+                store[name] = new
+        if dtype == self._built_dtype:
+            self._built = None  # back to the build-time tensors themselves: nothing left to keep
+        return self
+
+    def _follow_dtype(self, old: torch.dtype, new: torch.dtype) -> None:
+        """Point the graph's explicit casts to ``old`` (the model's dtype) at ``new``."""
+        gm = self.graph_module
+        changed = False
+        for n in gm.graph.nodes:
+            if n.op not in ("call_function", "call_method") or op_name(gm, n) not in _CASTS:
+                continue
+            args = tuple(new if a is old else a for a in n.args)
+            kwargs = {k: new if v is old else v for k, v in n.kwargs.items()}
+            if args != n.args or kwargs != n.kwargs:
+                n.args, n.kwargs = args, kwargs
+                changed = True
+        if changed:
+            gm.recompile()
+
+    def _float_tensors(self):
+        """``(store, name, tensor)`` of every floating tensor of the graph: parameters, buffers
+        and plain tensor attributes (torch.export constants, a gathered FFN's bias)."""
+        for mod in self.graph_module.modules():
+            for store in (mod._parameters, mod._buffers, mod.__dict__):
+                for name, t in list(store.items()):
+                    if isinstance(t, torch.Tensor) and t.is_floating_point():
+                        yield store, name, t
 
     # -------------------------------------------------------------- masks in
     def _pairs(self, head_masks: Mapping, neuron_masks: Mapping) -> int:
@@ -249,7 +317,8 @@ class MaskedModel(nn.Module):
         self._follow_device(images.device)
         P = self._set(head_masks, neuron_masks, images.device)
         try:
-            x = images if P == 1 else images.repeat(P, 1, 1, 1)  # pair-major: row p * B + b
+            x = images.to(self.dtype)
+            x = x if P == 1 else x.repeat(P, 1, 1, 1)  # pair-major: row p * B + b
             emb = self.graph_module(x)
         finally:
             self._clear()

@@ -35,6 +35,7 @@ global search (``local_scores(..., method="fisher")`` is an alias of ``"dino"``)
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -45,7 +46,8 @@ from ..structures import StructureMap
 from ._groups import ScoredGroup, scored_groups, scored_parameters, sum_per_structure
 from ._resolve import resolve_model
 from .dino import DinoConfig, LossFn
-from .gradients import PassConfig, batch_gradients, check_finite_grads, describe_batch, run_batches, target_device
+from .gradients import (PassConfig, batch_gradients, check_finite_grads, describe_batch, pass_dtype, run_batches,
+                        target_device)
 from ..scores import LocalScores, new_scores
 from .objective import build_objective
 
@@ -137,12 +139,13 @@ def snip_scores(
     groups = scored_groups(smap)
     params = scored_parameters(gm, groups)
     device = target_device(gm, cfg)
+    cfg = replace(cfg, amp_dtype=pass_dtype(cfg, device))
     sums = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in params.items()}
 
     def step(bi: int, start: int, batch: Any, n: int) -> float:
         what = describe_batch(bi, start, n)
         loss, grads = batch_gradients(gm, objective, batch, params, what, cfg, device)
-        value = check_finite_grads(loss, grads, what, amp_dtype)
+        value = check_finite_grads(loss, grads, what, cfg.amp_dtype)
         for name, g in grads.items():
             sums[name].add_(g.float(), alpha=float(n))  # image-weighted mean over batches
         return value

@@ -10,10 +10,12 @@ afterwards, also on errors. ``.grad`` attributes are never touched.
 Only parameters named by a prunable structure get ``requires_grad``; each batch runs
 forward, ``torch.autograd.grad`` and one batched call of the fused squared-gradient
 kernel (:func:`~elastic_fx.kernels.sqgrad.sqgrad_accumulate_many`) for every structure
-of the model. Gradients are never stored beyond one batch. Every batch is checked (one
-device sync): a NaN or inf in the loss or a gradient raises
-:class:`~elastic_fx.errors.NumericalError` naming the batch, its images and the
-parameter, before anything reaches the totals.
+of the model. On CUDA the forward and backward run under bf16 autocast by default
+(``PassConfig.amp_dtype``; float32 elsewhere): the weights stay fp32, so their gradients
+come out in fp32, and squares and sums are accumulated in fp32 whatever the dtype.
+Gradients are never stored beyond one batch. Every batch is checked (one device sync): a
+NaN or inf in the loss or a gradient raises :class:`~elastic_fx.errors.NumericalError`
+naming the batch, its images and the parameter, before anything reaches the totals.
 
 * ``mode="per-batch"``: the gradient of each batch's (mean) loss, squared, summed over
   the structure's entries and over batches.
@@ -43,6 +45,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .._precision import compute_dtype
 from ..distributed import DistContext, current
 from ..errors import ConfigError, NumericalError, ScoresError
 from ..kernels.ghost_sqnorm import ghost_sqnorm
@@ -63,6 +66,7 @@ __all__ = [
     "describe_batch",
     "device_of",
     "fisher_pass",
+    "pass_dtype",
     "run_batches",
     "target_device",
 ]
@@ -75,6 +79,9 @@ PER_SAMPLE_METHODS = ("auto", "ghost", "loop")
 @dataclass
 class PassConfig:
     """Settings of one gradient pass (see :func:`~elastic_fx.scoring.local.local_scores` for their meaning).
+
+    ``amp_dtype``: the autocast dtype; None is bf16 on CUDA and float32 (no autocast)
+    elsewhere (:func:`pass_dtype` resolves it for a device).
 
     Raises:
         ConfigError: an option has a value outside what it accepts.
@@ -101,8 +108,8 @@ class PassConfig:
             raise ConfigError(f"per_sample must be one of {PER_SAMPLE_METHODS}, got {self.per_sample!r}.")
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}.")
-        if self.amp_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise ConfigError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {self.amp_dtype!r}.")
+        if self.amp_dtype is not None:
+            compute_dtype("cpu", self.amp_dtype, what="amp_dtype")  # refuses what no device computes in
 
 
 @dataclass
@@ -217,8 +224,13 @@ def _scoring_state(gm: nn.Module, params: Mapping[str, nn.Parameter], device: Op
             gm.to(home)
 
 
-def _amp(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None or dtype == torch.float32:
+def pass_dtype(cfg: PassConfig, device: torch.device) -> torch.dtype:
+    """The autocast dtype of the pass on ``device``: ``cfg.amp_dtype``, else bf16 on CUDA and float32."""
+    return compute_dtype(device, cfg.amp_dtype, what="amp_dtype")
+
+
+def _amp(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -241,7 +253,9 @@ def describe_batch(bi: int, start: int, n: int) -> str:
 def _raise_nonfinite(what: str, loss: torch.Tensor, grads: Mapping[str, Optional[torch.Tensor]],
                      amp_dtype: Optional[torch.dtype]) -> None:
     """Name the first non-finite thing: the loss, a gradient, or a squared gradient that overflowed."""
-    hint = ("no score was changed. Check the images for NaN/inf, run in float32 (amp_dtype=None)"
+    default = " (the default on CUDA)" if amp_dtype == torch.bfloat16 else ""
+    hint = (f"no score was changed. The pass ran under {str(amp_dtype).replace('torch.', '')} autocast{default}: "
+            "run it in float32 (amp_dtype=torch.float32), and check the images for NaN/inf"
             if amp_dtype not in (None, torch.float32) else
             "no score was changed. Check the images and the model's weights for NaN/inf")
     if not torch.isfinite(loss.detach()).all():
@@ -295,8 +309,9 @@ def target_device(gm: nn.Module, cfg: PassConfig) -> torch.device:
 
 def batch_gradients(gm: nn.Module, objective: Objective, batch: Any, params: Mapping[str, nn.Parameter],
                     what: str, cfg: PassConfig, device: torch.device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Forward (under autocast if asked) and ``torch.autograd.grad``: ``(loss, {name: grad})``."""
-    with _amp(device, cfg.amp_dtype):
+    """Forward (under autocast unless the pass runs in float32) and ``torch.autograd.grad``:
+    ``(loss, {name: grad})``, the gradients in the parameters' dtype."""
+    with _amp(device, pass_dtype(cfg, device)):
         loss = objective.fn(gm, batch)
     return loss, _grads(loss, list(params), list(params.values()), what)
 
@@ -356,6 +371,7 @@ def fisher_pass(gm: fx.GraphModule, smap: StructureMap, objective: Objective, da
     groups = scored_groups(smap)
     params = scored_parameters(gm, groups)
     device = target_device(gm, cfg)
+    cfg = replace(cfg, amp_dtype=pass_dtype(cfg, device))  # the NaN/inf hint names what ran
     bufs = _Buffers(groups, device, record=ctx.enabled)
     ghost = _GhostPlan.build(gm, objective, groups, params, cfg.per_sample) if cfg.mode == "per-sample" else None
     losses: List[float] = []
@@ -382,6 +398,7 @@ def fisher_pass(gm: fx.GraphModule, smap: StructureMap, objective: Objective, da
         ctx.ordered_sum(bufs.steps, bufs.total)
         bufs.steps = None
     stats["per_sample"] = None if cfg.mode == "per-batch" else ("ghost" if ghost is not None else "loop")
+    stats["amp_dtype"] = str(cfg.amp_dtype).replace("torch.", "")
     heads, neurons = bufs.split(bufs.total, groups)
     return heads, neurons, stats
 

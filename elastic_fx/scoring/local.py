@@ -119,7 +119,10 @@ def local_scores(
         progress: show a progress bar (images/s) on a terminal.
         example_inputs: example inputs for tracing an ``nn.Module``.
         labels: int ``[N]`` class labels aligned with a tensor of images (``"ce"``).
-        amp_dtype: ``torch.bfloat16`` / ``torch.float16`` to run forward in autocast.
+        amp_dtype: the autocast dtype of the forward and backward: None (default) is
+            ``torch.bfloat16`` on CUDA and float32 (no autocast) elsewhere;
+            ``torch.float32`` turns autocast off, ``torch.float16`` is also accepted. The
+            weights stay fp32, so gradients, their squares and the sums are fp32 always.
         preprocess: the model's :class:`PreprocessConfig` when it cannot be read from it.
         structures: a StructureMap to use instead of discovering one.
         backend: squared-gradient kernel backend (``"auto"``, ``"triton"``, ``"torch"``).
@@ -169,8 +172,7 @@ def local_scores(
     heads, neurons, stats = fisher_pass(gm, smap, objective, data, n_images, cfg, dist=ctx)
     config = {
         "batch_size": batch_size, "seed": seed, "num_images_requested": num_images,
-        "amp_dtype": None if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
-        "backend": backend, **objective.extra, **stats,
+        "backend": backend, **objective.extra, **stats,  # stats name the autocast dtype that ran
     }
     log.info("local scores (%s, %s) of %d images in %.1f s (%.1f images/s)", objective.method, mode, n_images,
              stats["seconds"], stats["images_per_s"])

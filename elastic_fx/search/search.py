@@ -15,10 +15,10 @@ per-generation checkpoint.
    by default ``c = exp(z)`` centred, started at ``z = 0``, i.e. at ``c = 1``). Every
    candidate's factors rescale the local scores, the budget cuts the ranking at every
    search sparsity (nested masks), and all (candidate, sparsity) pairs of a generation run
-   in one batched masked forward; fitness, averaged over sparsities: by default how well
-   each image keeps its neighbours among the fitness images
-   (:class:`~elastic_fx.search.fitness.NeighbourhoodFitness`), or the paper's PCA cosine to
-   the dense embeddings (Eq. 6, ``fitness="pca-cosine"``).
+   in one batched masked forward (bf16 weights on CUDA, float32 on the CPU); fitness (in
+   float32), averaged over sparsities: by default how well each image keeps its neighbours
+   among the fitness images (:class:`~elastic_fx.search.fitness.NeighbourhoodFitness`), or
+   the paper's PCA cosine to the fp32 dense embeddings (Eq. 6, ``fitness="pca-cosine"``).
 4. Selection on held-out images: ``c = 1``, the final mean and the best
    ``selection_candidates`` distinct candidates by search fitness are scored on the
    selection part; the best there wins when its per-image gain over ``c = 1`` has a paired-
@@ -48,6 +48,7 @@ import torch
 import torch.fx as fx
 
 from .._io import atomic_write
+from .._precision import compute_dtype
 from ..budget import DEFAULT_HEAD_OFFSET, RANKINGS, Floors, max_sparsity, nested_masks
 from ..distributed import SAME_IMAGES_HINT, DistContext, checksums
 from ..errors import BudgetError, ConfigError, DataError, ElasticFxError, ScoresError
@@ -243,7 +244,7 @@ class _Evaluator:
                  heads: Dict[int, torch.Tensor], neurons: Dict[int, torch.Tensor], device: torch.device) -> None:
         self.ctx, self.masked, self.smap, self.cfg, self.layout = ctx, masked, smap, cfg, layout
         self.heads, self.neurons, self.device = heads, neurons, device
-        self.amp = torch.bfloat16 if device.type == "cuda" else None
+        self.dtype = compute_dtype(device)  # bf16 weights on CUDA, float32 on the CPU
         self.chunk = cfg.pair_chunk or max(1, DEFAULT_ROWS_PER_FORWARD // cfg.eval_batch_size)
 
     def keeps(self, c: np.ndarray) -> List[dict]:
@@ -253,7 +254,7 @@ class _Evaluator:
 
     def embeddings(self, images: torch.Tensor, keeps: List[dict]) -> torch.Tensor:
         return masked_embeddings(self.masked, images, keeps, batch_size=self.cfg.eval_batch_size,
-                                 pair_chunk=self.chunk, device=self.device, amp_dtype=self.amp)
+                                 pair_chunk=self.chunk, device=self.device, dtype=self.dtype)
 
     def __call__(self, cands: np.ndarray, images: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor],
                  ) -> np.ndarray:
@@ -345,10 +346,15 @@ def search(
         si, qi = split_fitness_images(len(fitness_images), cfg.selection_fraction, cfg.seed)
         search_x, select_x = fitness_images[si], fitness_images[qi]
     ctx.check_same(checksums(search_x), "fitness images", SAME_IMAGES_HINT)
+    # The dense reference stays float32 (the source graph as it is) also where the candidates
+    # run in bf16 weights: it is computed once, and against it the bf16 fitness stays closer
+    # to the all-fp32 fitness than against a bf16 dense model (half the difference, measured
+    # on the CPU). The fitness itself is computed in float32 from float32 embeddings.
     embed = embedding_module(gm, smap).to(device).eval()
     dense_search = _dense(ctx, embed, search_x, cfg.eval_batch_size, device)
     dense_select = _dense(ctx, embed, select_x, cfg.eval_batch_size, device) if len(select_x) else None
-    masked = build_masked(gm, smap, use_kernel=device.type == "cuda").to(device).eval()
+    masked = build_masked(gm, smap, use_kernel=device.type == "cuda")
+    masked.cast(compute_dtype(device)).to(device).eval()  # its own bf16 copy on CUDA; gm stays as it is
     heads = {b: t.double() for b, t in local.head_means.items()}
     neurons = {b: t.double() for b, t in local.neuron_means.items()}
     evaluate = _Evaluator(ctx, masked, smap, cfg, layout, heads, neurons, device)

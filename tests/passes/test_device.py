@@ -101,3 +101,45 @@ def test_masked_forward_off_the_cpu_crosses_devices_once():
         out = masked(torch.randn(2, 3, 32, 32, device="meta"), heads, neurons)
     assert out.shape == (3, 2, 48) and out.device.type == "meta"
     assert seen.ops == ["aten._to_copy.default"] * 2
+
+
+def test_masked_embeddings_off_the_cpu_never_read_masks_back():
+    """masked_embeddings on a device: per image batch one copy of the images, per forward one
+    of the masks and one of the kept positions (read from the host masks, never back from the
+    device: a read-back is a sync, on meta an error), whatever the number of blocks."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from elastic_fx.search.evaluate import masked_embeddings
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, mlp_ratio=2,
+                              num_classes=10).eval()
+    gm = efx.trace(model, (torch.randn(2, 3, 32, 32),))
+    smap = efx.discover(gm)
+    masked = build_masked(gm, smap).to("meta")
+    keeps = [{0: {"heads": [0]}}, {1: {"neurons": [1, 2]}}, {}, {3: {"heads": [2, 1]}}]
+    with _CrossDevice() as seen:
+        out = masked_embeddings(masked, torch.randn(4, 3, 32, 32), keeps, batch_size=2, pair_chunk=2,
+                                device="meta", dtype=torch.float32)
+    assert out.shape == (4, 4, 48) and out.device.type == "meta" and out.dtype == torch.float32
+    batches, forwards = 2, 4
+    assert len(seen.ops) == batches + 2 * forwards  # copies ("aten.to.*" under inference mode), nothing else
+    assert all(op.startswith(("aten.to.", "aten._to_copy.")) for op in seen.ops), seen.ops
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: masks on the device are read back")
+def test_masks_given_on_the_device_are_read_back_once_per_forward():
+    """Masks passed on the device (not what the search does) cost one read-back per forward,
+    not one per gathered projection."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, mlp_ratio=2,
+                              num_classes=10).eval()
+    gm = efx.trace(model, (torch.randn(2, 3, 32, 32),))
+    smap = efx.discover(gm)
+    masked = build_masked(gm, smap).cuda()
+    heads, neurons = masks_to("cuda", *keeps_to_masks(smap, [{0: {"heads": [0]}}, {1: {"neurons": [1, 2]}}]))
+    with _CrossDevice() as seen, torch.no_grad():
+        masked(torch.randn(2, 3, 32, 32, device="cuda"), heads, neurons)
+    assert len(seen.ops) == 2  # the masks back to the host, the kept positions to the device

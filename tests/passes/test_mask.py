@@ -298,9 +298,9 @@ def test_triton_kernel_path_matches_slicing(monkeypatch):
         monkeypatch.setenv("ELASTIC_FX_FORCE_TRITON", "1")
     monkeypatch.setattr(kernel_mod, "masked_attention_ref", no_reference)
     monkeypatch.setattr(kernel_mod, "_use_triton", use_triton)
-    # fp32 everywhere (no bf16 autocast on CUDA): the comparison is with an fp32 sliced model
+    # fp32 everywhere (not the bf16 default of CUDA): the comparison is with an fp32 sliced model
     got = masked_embeddings(build_masked(gm, smap, use_kernel=True), images.to(dev), keeps, device=dev,
-                            amp_dtype=torch.float32).cpu()
+                            dtype=torch.float32).cpu()
     assert decisions == [True]  # one block, one forward: the kernel ran
     for p, keep in enumerate(keeps):
         _assert_rel_close(got[p], _sliced_embedding(gm, smap, keep, images))
@@ -331,14 +331,19 @@ def test_missing_blocks_in_mask_dicts_are_kept_whole():
     _assert_rel_close(got[0], _sliced_embedding(gm, smap, keep, images))
 
 
-def test_bf16_autocast_on_cpu_is_close():
-    gm, smap, images = _traced("timm_vit")
-    keeps = _random_keeps(smap, 2, seed=5)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_bf16_weights_run_on_every_family_and_cast_back_exactly(name):
+    """The search's GPU default, on the CPU: the masked model's own bf16 copy (export graphs
+    bake casts to fp32 into the graph: they follow the cast), then fp32 again, bit for bit."""
+    gm, smap, images = _traced(name)
+    keeps = _random_keeps(smap, 2, seed=9)
     model = build_masked(gm, smap)
     full = masked_embeddings(model, images, keeps)
-    half = masked_embeddings(model, images, keeps, amp_dtype=torch.bfloat16)
-    assert half.dtype == torch.float32
+    half = masked_embeddings(model, images, keeps, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and half.dtype == torch.float32
     _assert_rel_close(half, full, rel=5e-2)
+    assert torch.equal(masked_embeddings(model, images, keeps, dtype=torch.float32), full)
+    assert all(p.dtype == torch.float32 for p in gm.parameters())
 
 
 def test_source_graph_is_untouched():

@@ -11,11 +11,13 @@ from zoo import build
 SPARSITIES = (0.2, 0.5)
 
 #: How far the search's fitness may be from that of fp32 sliced models, by the dtype the
-#: masked forward runs in (fp32 on the CPU, bf16 on a GPU) and the fitness. The bf16 goal is
-#: 1e-3; the neighbourhood fitness divides cosines by T = 0.07, which multiplies bf16's
-#: rounding by ~14: it measures 9.9e-4 here (PCA cosine: 8e-5), so its bound is 2e-3.
+#: masked forward runs in (fp32 on the CPU, bf16 weights on a GPU) and the fitness. The bf16
+#: goal is 1e-3 on a real model and fitness set; on this toy (5 search images) the
+#: neighbourhood fitness divides cosines by T = 0.07, which multiplies bf16's rounding by
+#: ~14, and the residual stream is rounded to bf16 in every block (autocast kept it in
+#: fp32): it measures 2.0e-3 here (PCA cosine: 4.3e-4), so its bound is 3e-3.
 FITNESS_ABS = {(torch.float32, "neighbours"): 1e-4, (torch.float32, "pca-cosine"): 1e-4,
-               (torch.bfloat16, "neighbours"): 2e-3, (torch.bfloat16, "pca-cosine"): 1e-3}
+               (torch.bfloat16, "neighbours"): 3e-3, (torch.bfloat16, "pca-cosine"): 1e-3}
 
 
 def search_dtype() -> torch.dtype:
@@ -101,17 +103,16 @@ def test_best_candidate_fitness_is_reproducible_from_sliced_models(fitness, resu
 
 @pytest.mark.parametrize("fitness", ["neighbours", "pca-cosine"])
 def test_bf16_fitness_stays_within_its_tolerance(fitness, result, result_pca, setup):
-    """What prune() computes on a GPU, simulated on the CPU: the masked forward in bf16 gives
-    the fp32 sliced fitness within FITNESS_ABS[bf16, fitness]. bf16 errors are of the order of the
-    fp32 bound (PCA cosine: 8e-5 on these keeps, 1.8e-4 in a CPU simulation of the whole
-    search), which is why the reproducibility test above cannot use 1e-4 on a GPU."""
+    """What prune() computes on a GPU, simulated on the CPU: the masked forward in bf16 weights
+    gives the fp32 sliced fitness within FITNESS_ABS[bf16, fitness]. bf16 errors are above the
+    fp32 bound, which is why the reproducibility test above cannot use 1e-4 on a GPU."""
     from elastic_fx.passes.mask import build_masked
     from elastic_fx.search.evaluate import masked_embeddings
 
     result = result if fitness == "neighbours" else result_pca
     (want, _), (gm, smap, x, fit, si) = _sliced_fitness(fitness, result, setup)
     keeps = [result.keep(smap, s) for s in SPARSITIES]
-    emb = masked_embeddings(build_masked(gm, smap), x[si], keeps, amp_dtype=torch.bfloat16)
+    emb = masked_embeddings(build_masked(gm, smap), x[si], keeps, dtype=torch.bfloat16)
     got = float(np.mean([float(fit(e[None])[0]) for e in emb]))
     assert got == pytest.approx(want, abs=FITNESS_ABS[torch.bfloat16, fitness])
 
