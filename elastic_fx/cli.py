@@ -292,6 +292,7 @@ def cmd_prune(args) -> int:
                        ranking=args.ranking, space=args.space, sigma0=args.sigma0,
                        selection_fraction=args.selection_fraction)
     scores = prune(model, args.images, iterations=args.iterations, sparsities=_sparsities(args.sparsities),
+                   fitness_images=args.fitness_folder,
                    seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume, config=cfg,
                    device=args.device, example_inputs=(torch_randn(pre.input_size),), preprocess=pre)
     scores.config.setdefault("example_input_shape", [2, 3, *pre.input_size])
@@ -400,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.6])
     p.add_argument("--num-images", type=int, default=1000, help="images for the gradient pass")
     p.add_argument("--fitness-images", type=int, default=1000, help="images for the fitness")
+    p.add_argument("--fitness-folder", default=None,
+                   help="image folder for the fitness (default: --images); best: images the model did not train on")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--popsize", type=int, default=None, help="xNES population (default 4 + 3 ln d)")
     p.add_argument("--fitness", default="neighbours", choices=["neighbours", "pca-cosine"],

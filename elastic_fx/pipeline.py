@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, load_tensor, resolve_preprocess
+from .data import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, as_source, load_tensor, resolve_preprocess
 from .distributed import SAME_WEIGHTS_HINT, checksums, current
 from .errors import ConfigError, DataError
 from .passes.discover import prepare
@@ -65,7 +65,9 @@ def prune(
             ``None`` they come from ``config`` (default :class:`SearchConfig`: 50,
             (0.1, 0.3, 0.5, 0.6), 0); given, they override it. ``config`` is never mutated.
         fitness_images: images for the fitness (split into search and selection parts);
-            ``None`` = a seeded sample of ``images``.
+            ``None`` = a seeded sample of ``images``. Images the model did not train on are
+            best: on a model that memorised its training images the search imitated the
+            dense model where it is not representative (benchmarks/results/quality.md).
         checkpoint_dir: where to checkpoint after every generation.
         resume: continue from ``checkpoint_dir``'s checkpoint.
         config: a :class:`SearchConfig` for everything else.
@@ -101,6 +103,9 @@ def prune(
     gm, smap = prepare(model, example_inputs, structures)
     ctx.check_same(checksums(gm), "model weights", SAME_WEIGHTS_HINT)
     validate(cfg, smap)
+    for src in (fitness_images, selection_images):
+        if isinstance(src, (str, os.PathLike)):
+            as_source(src)  # a missing or empty folder fails now, not after the gradient pass
     fit_src = fitness_images if fitness_images is not None else images
     pre = _preprocess(gm, fit_src, preprocess)
 
@@ -131,6 +136,8 @@ def prune(
     scores.config["example_input_shape"] = list(example_inputs_of(gm)[0].shape)
     scores.config["local_seconds"] = round(t_local, 2)
     scores.config["fitness_images"] = int(len(fit_x)) + (int(len(sel_x)) if sel_x is not None else 0)
+    if isinstance(fitness_images, (str, os.PathLike)):
+        scores.config["fitness_folder"] = str(Path(fitness_images).expanduser().resolve())
     if isinstance(images, (str, os.PathLike)):  # the default INT8 calibration folder of ElasticModel.export
         scores.config["images"] = str(Path(images).expanduser().resolve())
     return scores

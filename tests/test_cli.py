@@ -117,3 +117,41 @@ def test_eval_prints_accuracy_by_budget(spec, tmp_path, capsys):
                  "--k", "5", "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "k-NN" in out and "0.3" in out
+
+
+def _photos(folder, n, seed):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_prune_takes_its_fitness_images_from_another_folder(spec, tmp_path):
+    grads, photos = _photos(tmp_path / "grads", 4, 0), _photos(tmp_path / "photos", 8, 1)
+    out = tmp_path / "s.efx"
+    base = ["prune", spec, "--out", str(out), "--iterations", "1", "--sparsities", "0.3", "--images", str(grads),
+            "--num-images", "4", "--fitness-images", "8", "--batch-size", "2"]
+    assert main(base + ["--fitness-folder", str(photos)]) == 0
+    cfg = efx.ElasticScores.load(out).config
+    assert cfg["fitness_folder"] == str(photos.resolve()) and cfg["images"] == str(grads.resolve())
+    assert cfg["fitness_images"] == 8  # 4 gradient images could not have given 8
+
+
+def test_empty_fitness_folder_is_one_clear_line_before_the_gradient_pass(spec, tmp_path, capsys, monkeypatch):
+    import elastic_fx.pipeline
+
+    def gradient_pass(*args, **kwargs):
+        raise AssertionError("the gradient pass ran before the fitness folder was checked")
+
+    monkeypatch.setattr(elastic_fx.pipeline, "local_scores", gradient_pass)
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "s.efx"
+    argv = ["prune", spec, "--out", str(out), "--iterations", "1", "--num-images", "4", "--fitness-images", "8",
+            "--batch-size", "2", "--fitness-folder", str(tmp_path / "empty")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "empty" in err and "Traceback" not in err and not out.exists()
