@@ -334,9 +334,10 @@ def use_fitness_folder(setup: Setup, cfg: QualityConfig, folder: str) -> None:
                             f"{cfg.fitness_images} fitness images (--fitness-images, or another --fitness-folder)")
     setup.fitness_source = str(folder)
     setup.name += f"; fitness images from {Path(folder).name}"
+    shown = os.path.relpath(folder, REPO) if Path(folder).is_absolute() else folder
     setup.notes += [f"Fitness images: the search's {len(setup.fit_x)} fitness images (search and selection halves) "
-                    f"are photos from {folder} that the model never saw, resized to {h}x{w} and normalised with "
-                    "the model's statistics; they replace the train-split fitness images above. Chosen before this run "
+                    f"are photos from {shown} that the model never saw, resized to {h}x{w} and normalised with "
+                    "the model's statistics. Chosen before this run "
                     "(nothing seen on the test split): the model memorised its train split (the fisher-only ranking "
                     "at 50 % scores 76 % k-NN on held-out train images; the dense model scores 56.8 % on the test "
                     "split, per the assets README), so on train images the dense embeddings "
@@ -1329,11 +1330,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         setup = user_setup(cfg, args)
     elif all((assets / f).is_file() for f in ("vit-cifar/vit_cifar.pt", "cifar10-subset/cifar10_subset.npz")):
         setup = cifar_setup(cfg, assets)
+        photos = args.fitness_folder not in ("auto", "train") or (
+            args.fitness_folder == "auto" and (assets / "imagenet-sample").is_dir())
+        images = (f"Gradient images (DINO local scores, SNIP, Torch-Pruning's labelled loss) are a random subset "
+                  f"({cfg.grad_images} images) of the CIFAR TRAIN split" if photos else
+                  "Gradient images (DINO local scores, SNIP, Torch-Pruning's labelled loss) and the search's fitness "
+                  f"images are disjoint random subsets ({cfg.grad_images} and {cfg.fitness_images} images) of the "
+                  "CIFAR TRAIN split")
         setup.notes += [
-            "Gradient images (DINO local scores, SNIP, Torch-Pruning's labelled loss) and the search's fitness images "
-            f"are disjoint random subsets ({cfg.grad_images} and {cfg.fitness_images} images) of the CIFAR TRAIN "
-            "split, preprocessed with the model's mean/std (our methods use them without labels). The k-NN reference "
-            "set is an evenly spaced subset of the same train split; the test split is never used for scoring.", ""]
+            images + ", preprocessed with the model's mean/std (our methods use them without labels). The k-NN "
+            "reference set is an evenly spaced subset of the same train split; the test split is never used for "
+            "scoring.", ""]
     else:
         msg = (f"real assets not found under {assets.resolve()} (need vit-cifar/vit_cifar.pt and "
                "cifar10-subset/cifar10_subset.npz): nothing to benchmark. Use --smoke for the tiny random model, "
