@@ -162,3 +162,16 @@ def test_fitness_folder_replaces_only_the_fitness_images(bq, tmp_path):
     assert "photos from" in bq._fitness_where(setup)
     with pytest.raises(efx.DataError, match="readable images"):
         bq.use_fitness_folder(bq.smoke_setup(cfg), bq.replace(cfg, fitness_images=11), str(tmp_path))
+
+
+def test_other_runs_are_listed_with_their_intervals(bq, tmp_path):
+    run = {"headline": {"model": "m", "main_choice": "search",
+                        "elastic_minus_fisher_knn_ci": {"0.30": [0.5, 0.0, 1.0], "0.70": [1.29, -1.18, 3.58]}},
+           "config": {"fitness_images": 1000, "generations": 20}}
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "quality.json").write_text(json.dumps(run))
+    lines = bq._other_runs(tmp_path)
+    assert lines[0] == "## Other runs of this benchmark"
+    assert "[big/quality.md](big/quality.md)" in lines[2] and "1000 fitness images" in lines[2]
+    assert "70% +1.3 [-1.2, +3.6]" in lines[2] and "30%" not in lines[2] and "its winner" in lines[2]
+    assert bq._other_runs(tmp_path / "big") == []
