@@ -85,9 +85,8 @@ def test_masks_reach_the_device_in_one_copy():
     assert all(same[i] is masks[i] for i in masks)  # already there: no copy at all
 
 
-def test_masked_forward_off_the_cpu_crosses_devices_once():
-    """The whole masked forward of a 4-block ViT with host masks: two transfers (the masks, and
-    the kept positions of every gathered projection), then device-only ops."""
+def _four_block_vit(device: str = "meta"):
+    """A 4-block timm ViT's StructureMap and its masked model on ``device``."""
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
@@ -95,7 +94,13 @@ def test_masked_forward_off_the_cpu_crosses_devices_once():
                               num_classes=10).eval()
     gm = efx.trace(model, (torch.randn(2, 3, 32, 32),))
     smap = efx.discover(gm)
-    masked = build_masked(gm, smap).to("meta")
+    return smap, build_masked(gm, smap).to(device)
+
+
+def test_masked_forward_off_the_cpu_crosses_devices_once():
+    """The whole masked forward of a 4-block ViT with host masks: two transfers (the masks, and
+    the kept positions of every gathered projection), then device-only ops."""
+    smap, masked = _four_block_vit()
     heads, neurons = keeps_to_masks(smap, [{0: {"heads": [0]}}, {1: {"neurons": [1, 2]}}, None])
     with _CrossDevice() as seen, torch.no_grad():
         out = masked(torch.randn(2, 3, 32, 32, device="meta"), heads, neurons)
@@ -107,16 +112,9 @@ def test_masked_embeddings_off_the_cpu_never_read_masks_back():
     """masked_embeddings on a device: per image batch one copy of the images, per forward one
     of the masks and one of the kept positions (read from the host masks, never back from the
     device: a read-back is a sync, on meta an error), whatever the number of blocks."""
-    from timm.models.vision_transformer import VisionTransformer
-
     from elastic_fx.search.evaluate import masked_embeddings
 
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, mlp_ratio=2,
-                              num_classes=10).eval()
-    gm = efx.trace(model, (torch.randn(2, 3, 32, 32),))
-    smap = efx.discover(gm)
-    masked = build_masked(gm, smap).to("meta")
+    smap, masked = _four_block_vit()
     keeps = [{0: {"heads": [0]}}, {1: {"neurons": [1, 2]}}, {}, {3: {"heads": [2, 1]}}]
     with _CrossDevice() as seen:
         out = masked_embeddings(masked, torch.randn(4, 3, 32, 32), keeps, batch_size=2, pair_chunk=2,
@@ -131,14 +129,7 @@ def test_masked_embeddings_off_the_cpu_never_read_masks_back():
 def test_masks_given_on_the_device_are_read_back_once_per_forward():
     """Masks passed on the device (not what the search does) cost one read-back per forward,
     not one per gathered projection."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, mlp_ratio=2,
-                              num_classes=10).eval()
-    gm = efx.trace(model, (torch.randn(2, 3, 32, 32),))
-    smap = efx.discover(gm)
-    masked = build_masked(gm, smap).cuda()
+    smap, masked = _four_block_vit("cuda")
     heads, neurons = masks_to("cuda", *keeps_to_masks(smap, [{0: {"heads": [0]}}, {1: {"neurons": [1, 2]}}]))
     with _CrossDevice() as seen, torch.no_grad():
         masked(torch.randn(2, 3, 32, 32, device="cuda"), heads, neurons)
