@@ -761,7 +761,7 @@ def _headroom(cache: Cache, cfg: QualityConfig) -> List[str]:
     without beating the dense model."""
     dense = _unbits((cache.get("eval/dense") or {}).get("knn_correct"))
     cells = []
-    for s in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8):
+    for s in (s for s in cfg.sparsities if s >= 0.5):
         fisher = _unbits((cache.get(f"eval/fisher/{s:.2f}") or {}).get("knn_correct"))
         if dense is None or fisher is None or len(dense) != len(fisher):
             continue
@@ -1351,6 +1351,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
     log = Log(quiet=args.quiet)
     assets = Path(args.assets)
+    fitness = args.fitness_folder  # "train", a folder, or "auto": the assets' photos with the CIFAR model
+    if fitness == "auto":
+        cifar = not (args.smoke or args.model)
+        fitness = str(assets / "imagenet-sample") if cifar and (assets / "imagenet-sample").is_dir() else "train"
     if args.smoke:
         setup = smoke_setup(cfg)
     elif args.model:
@@ -1359,10 +1363,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         setup = user_setup(cfg, args)
     elif all((assets / f).is_file() for f in ("vit-cifar/vit_cifar.pt", "cifar10-subset/cifar10_subset.npz")):
         setup = cifar_setup(cfg, assets)
-        photos = args.fitness_folder not in ("auto", "train") or (
-            args.fitness_folder == "auto" and (assets / "imagenet-sample").is_dir())
         images = (f"Gradient images (DINO local scores, SNIP, Torch-Pruning's labelled loss) are a random subset "
-                  f"({cfg.grad_images} images) of the CIFAR TRAIN split" if photos else
+                  f"({cfg.grad_images} images) of the CIFAR TRAIN split" if fitness != "train" else
                   "Gradient images (DINO local scores, SNIP, Torch-Pruning's labelled loss) and the search's fitness "
                   f"images are disjoint random subsets ({cfg.grad_images} and {cfg.fitness_images} images) of the "
                   "CIFAR TRAIN split")
@@ -1380,11 +1382,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return headline
     if args.calib:
         use_calibration_folder(setup, cfg, args.calib)
-    fitness = args.fitness_folder
-    if fitness == "auto":
-        photos = assets / "imagenet-sample"
-        cifar = not (args.smoke or args.model)
-        fitness = str(photos) if cifar and photos.is_dir() else "train"
     if fitness != "train":
         use_fitness_folder(setup, cfg, fitness)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / f"elastic_fx_bench_quality_{mode}"
